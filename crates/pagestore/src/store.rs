@@ -1,0 +1,847 @@
+//! The store: pages in, ids out, exact bytes back.
+//!
+//! Layout: 64 shards chosen by the top bits of a page's XXH3 hash, each behind its own
+//! read-write lock; a page's id names its shard, so a read takes one shard's read lock (two for
+//! a patched page, one after the other) and never a global one. No thread ever holds two shard
+//! locks at once, which rules out lock-order deadlocks whatever the mix of calls.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::compress::{CompressError, MAX_COMPRESSED};
+use crate::config::{Config, ConfigError};
+use crate::delta::{DecodeError, DeltaCodec};
+use crate::page::{PAGE_SIZE, Page, is_zero};
+use crate::similarity::{Keys, Loc, SimilarityIndex};
+
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
+const SLOT_BITS: u32 = 25;
+/// Most stored pages per shard; 2^31 pages (8 TiB of distinct content) in all.
+const MAX_SLOTS: usize = 1 << SLOT_BITS;
+const GEN_BITS: u32 = 29;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
+const NO_SLOT: u32 = u32::MAX;
+/// Bytes in front of a patch naming its reference page.
+const REF_BYTES: usize = 4;
+
+/// A handle to a page held by a [`PageStore`].
+///
+/// Each successful insert hands out one reference, which one `remove` gives back; identical
+/// pages inserted twice get the same id twice. The id carries a generation, so a removed id
+/// is refused rather than confused with a later page in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PageId(u64);
+
+impl PageId {
+    /// The zero page: costs nothing to hold and reads back as 4096 zero bytes.
+    pub const ZERO: PageId = PageId(0);
+
+    /// The id as a number, for callers that keep ids in their own tables.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// An id from [`PageId::as_u64`]. An arbitrary number is safe: the store refuses it.
+    pub fn from_u64(v: u64) -> Self {
+        PageId(v)
+    }
+
+    fn new(shard: usize, slot: usize, generation: u32) -> Self {
+        PageId((u64::from(generation) << 32) | u64::from(loc(shard, slot)))
+    }
+
+    fn loc(self) -> Loc {
+        (self.0 & 0x7fff_ffff) as Loc
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+fn loc(shard: usize, slot: usize) -> Loc {
+    ((shard << SLOT_BITS) | slot) as Loc
+}
+
+fn split(loc: Loc) -> (usize, usize) {
+    let l = loc as usize;
+    (l >> SLOT_BITS, l & (MAX_SLOTS - 1))
+}
+
+/// What an insert did with the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "class")]
+pub enum Outcome {
+    /// All zero: nothing stored.
+    Zero,
+    /// Byte-for-byte equal to a page already held: one more reference to it.
+    Shared,
+    /// Stored as a patch of `bytes` against a similar page.
+    Patched {
+        /// patch bytes
+        bytes: usize,
+    },
+    /// Stored compressed to `bytes`.
+    Compressed {
+        /// compressed bytes
+        bytes: usize,
+    },
+    /// Stored as it is.
+    Raw,
+}
+
+impl Outcome {
+    /// Payload bytes this insert added to the store.
+    pub fn stored_bytes(self) -> usize {
+        match self {
+            Outcome::Zero | Outcome::Shared => 0,
+            Outcome::Patched { bytes } | Outcome::Compressed { bytes } => bytes,
+            Outcome::Raw => PAGE_SIZE,
+        }
+    }
+}
+
+/// What [`PageStore::classify`] found for a page, without storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// All zero.
+    Zero,
+    /// Identical to a held page.
+    Duplicate(PageId),
+    /// Not held, but the similarity index names a candidate reference.
+    Similar,
+    /// Nothing like it is held.
+    Unique,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// the id is not held: removed already, from another store, or never issued
+    #[error("page {0:?} is not held by this store (removed already, or never issued by it)")]
+    UnknownPage(PageId),
+    /// a stored patch failed to decode: a bug in the store, never expected
+    #[error("stored patch of page {0:?} does not decode")]
+    CorruptPatch(PageId, #[source] DecodeError),
+    /// a stored compressed page failed to decode: a bug in the store, never expected
+    #[error("stored compressed page {0:?} does not decode")]
+    CorruptCompressed(PageId, #[source] CompressError),
+    /// a shard ran out of slots
+    #[error("store is full ({MAX_SLOTS} distinct pages in one of its {SHARDS} shards)")]
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Form {
+    Free = 0,
+    Patched = 1,
+    Compressed = 2,
+    Raw = 3,
+}
+
+impl Form {
+    fn from_tag(tag: u32) -> Form {
+        match tag >> GEN_BITS {
+            1 => Form::Patched,
+            2 => Form::Compressed,
+            3 => Form::Raw,
+            _ => Form::Free,
+        }
+    }
+
+    /// Counter index; only for stored forms.
+    fn ix(self) -> usize {
+        self as usize - 1
+    }
+
+    /// Only whole pages serve as references, so a patch never needs more than one decode.
+    fn is_reference(self) -> bool {
+        matches!(self, Form::Compressed | Form::Raw)
+    }
+}
+
+/// One stored page: 32 bytes of metadata, measured by a test.
+#[derive(Debug, Default)]
+struct Entry {
+    /// Raw page, compressed page, or reference loc (4 bytes LE) + patch.
+    payload: Box<[u8]>,
+    /// Low 32 bits of the XXH3 hash (the shard took the top bits); the next free slot when free.
+    hash: u32,
+    /// References handed out by inserts and not yet removed.
+    owners: u32,
+    /// Patches that use this page as their reference.
+    deps: u32,
+    /// Form (3 bits) and generation (29 bits).
+    tag: u32,
+}
+
+impl Entry {
+    fn form(&self) -> Form {
+        Form::from_tag(self.tag)
+    }
+
+    fn generation(&self) -> u32 {
+        self.tag & GEN_MASK
+    }
+
+    fn holds(&self, id: PageId) -> bool {
+        self.form() != Form::Free && self.generation() == id.generation() && self.owners > 0
+    }
+
+    fn patch_ref(&self) -> Loc {
+        u32::from_le_bytes(self.payload[..REF_BYTES].try_into().expect("patch has a ref"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counters {
+    stored: u64,
+    live: u64,
+    owners: u64,
+    payload: u64,
+}
+
+#[derive(Debug)]
+struct Shard {
+    entries: Vec<Entry>,
+    free_head: u32,
+    /// Slots by content hash, for sharing.
+    dedup: HashTable<u32>,
+    counts: [Counters; 3],
+}
+
+/// hashbrown takes its control byte from the top bits; spread our 32 bits over all 64.
+fn table_hash(h: u32) -> u64 {
+    u64::from(h).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+struct Freed {
+    form: Form,
+    payload: Box<[u8]>,
+    loc: Loc,
+}
+
+impl Shard {
+    fn new() -> Self {
+        Shard {
+            entries: Vec::new(),
+            free_head: NO_SLOT,
+            dedup: HashTable::new(),
+            counts: [Counters::default(); 3],
+        }
+    }
+
+    fn alloc(&mut self, form: Form, hash: u32, payload: Box<[u8]>) -> Result<(usize, u32), StoreError> {
+        let slot = if self.free_head != NO_SLOT {
+            let s = self.free_head as usize;
+            self.free_head = self.entries[s].hash;
+            s
+        } else {
+            if self.entries.len() >= MAX_SLOTS {
+                return Err(StoreError::Full);
+            }
+            if self.entries.len() == self.entries.capacity() {
+                // Grow by an eighth, not double: spare capacity is metadata we pay for.
+                self.entries.reserve_exact(self.entries.len() / 8 + 64);
+            }
+            self.entries.push(Entry::default());
+            self.entries.len() - 1
+        };
+        let e = &mut self.entries[slot];
+        let generation = match (e.generation() + 1) & GEN_MASK {
+            0 => 1,
+            g => g,
+        };
+        let c = &mut self.counts[form.ix()];
+        c.stored += 1;
+        c.live += 1;
+        c.owners += 1;
+        c.payload += payload.len() as u64;
+        *e = Entry {
+            payload,
+            hash,
+            owners: 1,
+            deps: 0,
+            tag: ((form as u32) << GEN_BITS) | generation,
+        };
+        let entries = &self.entries;
+        self.dedup
+            .insert_unique(table_hash(hash), slot as u32, |&s| table_hash(entries[s as usize].hash));
+        Ok((slot, generation))
+    }
+
+    /// Takes the entry out; the caller has already settled owners and deps.
+    fn free(&mut self, shard: usize, slot: usize) -> Freed {
+        let e = &mut self.entries[slot];
+        let form = e.form();
+        let c = &mut self.counts[form.ix()];
+        c.stored -= 1;
+        c.payload -= e.payload.len() as u64;
+        let payload = std::mem::take(&mut e.payload);
+        let hash = e.hash;
+        e.tag = e.generation(); // form Free, generation kept for the next tenant
+        e.hash = self.free_head;
+        self.free_head = slot as u32;
+        if let Ok(found) = self.dedup.find_entry(table_hash(hash), |&s| s as usize == slot) {
+            found.remove();
+        }
+        Freed {
+            form,
+            payload,
+            loc: loc(shard, slot),
+        }
+    }
+
+    /// Drops one owner reference; frees the entry when nothing needs it.
+    fn release_owner(&mut self, shard: usize, slot: usize) -> Option<Freed> {
+        let e = &mut self.entries[slot];
+        e.owners -= 1;
+        let c = &mut self.counts[e.form().ix()];
+        c.owners -= 1;
+        if e.owners > 0 {
+            return None;
+        }
+        c.live -= 1;
+        (e.deps == 0).then(|| self.free(shard, slot))
+    }
+
+    fn add_owner(&mut self, slot: usize) {
+        let e = &mut self.entries[slot];
+        e.owners += 1;
+        let c = &mut self.counts[e.form().ix()];
+        c.owners += 1;
+        if e.owners == 1 {
+            c.live += 1; // a reference-only page is wanted again
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<Entry>() + self.dedup.allocation_size()
+    }
+}
+
+/// Logical pages and stored bytes of one stored form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormStats {
+    /// Distinct pages held in this form (reference-only pages included).
+    pub stored: u64,
+    /// Of those, pages that some owner still holds.
+    pub live: u64,
+    /// Payload bytes (patch references count as metadata, not here).
+    pub payload_bytes: u64,
+}
+
+/// Everything a store holds, exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Zero pages handed out and not removed (they cost nothing).
+    pub zero_pages: u64,
+    /// References served by an existing copy: owners beyond the first of each stored page.
+    pub shared_pages: u64,
+    /// Pages held as patches.
+    pub patched: FormStats,
+    /// Pages held compressed.
+    pub compressed: FormStats,
+    /// Pages held as they are.
+    pub raw: FormStats,
+    /// Pages kept only because a patch needs them as its reference.
+    pub reference_only_pages: u64,
+    /// Every byte of bookkeeping: entries, hash tables, similarity index, patch references.
+    pub metadata_bytes: u64,
+}
+
+impl Stats {
+    /// Pages the owners hold: what the store stands in for.
+    pub fn logical_pages(&self) -> u64 {
+        self.zero_pages + self.shared_pages + self.patched.live + self.compressed.live + self.raw.live
+    }
+
+    /// Distinct pages actually stored.
+    pub fn stored_pages(&self) -> u64 {
+        self.patched.stored + self.compressed.stored + self.raw.stored
+    }
+
+    /// Page content bytes held.
+    pub fn payload_bytes(&self) -> u64 {
+        self.patched.payload_bytes + self.compressed.payload_bytes + self.raw.payload_bytes
+    }
+
+    /// All bytes held: payload and metadata.
+    pub fn held_bytes(&self) -> u64 {
+        self.payload_bytes() + self.metadata_bytes
+    }
+
+    /// What the logical pages would take as plain non-zero pages, less what is held.
+    pub fn saved_bytes(&self) -> i64 {
+        let plain = (self.logical_pages() - self.zero_pages) * PAGE_SIZE as u64;
+        plain as i64 - self.held_bytes() as i64
+    }
+}
+
+/// A concurrent store of 4 KiB pages, each held in the cheapest form that gives back its
+/// exact bytes: zero, shared, patched against a similar page, compressed, or raw.
+///
+/// ```
+/// use pagestore::{PageStore, Config, Outcome, PAGE_SIZE};
+/// let store = PageStore::new(Config::default()).unwrap();
+/// let mut page = [0u8; PAGE_SIZE];
+/// page[..11].copy_from_slice(b"hello, page");
+/// let (a, first) = store.insert_with_outcome(&page).unwrap();
+/// let (b, second) = store.insert_with_outcome(&page).unwrap();
+/// assert_eq!((a, second), (b, Outcome::Shared));
+/// assert!(matches!(first, Outcome::Compressed { .. }));
+/// let mut out = [0u8; PAGE_SIZE];
+/// store.read(a, &mut out).unwrap();
+/// assert_eq!(out, page);
+/// store.remove(a).unwrap();
+/// store.remove(b).unwrap();
+/// assert_eq!(store.stats().stored_pages(), 0);
+/// ```
+#[derive(Debug)]
+pub struct PageStore {
+    cfg: Config,
+    codec: DeltaCodec,
+    shards: Box<[RwLock<Shard>]>,
+    sim: Option<SimilarityIndex>,
+    zero: AtomicU64,
+}
+
+impl PageStore {
+    /// A new, empty store.
+    pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(PageStore {
+            codec: cfg.patch.map(|p| p.codec).unwrap_or_default(),
+            sim: cfg.patch.map(|p| SimilarityIndex::new(&p.similarity)),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
+            zero: AtomicU64::new(0),
+            cfg,
+        })
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Stores `page`; the returned id reads it back until it is removed.
+    pub fn insert(&self, page: &Page) -> Result<PageId, StoreError> {
+        self.insert_with_outcome(page).map(|(id, _)| id)
+    }
+
+    /// Stores `page` and says which form it took.
+    pub fn insert_with_outcome(&self, page: &Page) -> Result<(PageId, Outcome), StoreError> {
+        if is_zero(page) {
+            self.zero.fetch_add(1, Ordering::Relaxed);
+            return Ok((PageId::ZERO, Outcome::Zero));
+        }
+        let h = xxh3_64(page);
+        let (si, h32) = ((h >> (64 - SHARD_BITS)) as usize, h as u32);
+        if let Some(id) = self.find_duplicate(si, h32, page)? {
+            let mut sh = self.shards[si].write();
+            let slot = split(id.loc()).1;
+            let e = &sh.entries[slot];
+            // It may have gone between the lookup and this lock: then store it anew.
+            if e.form() != Form::Free && e.generation() == id.generation() {
+                sh.add_owner(slot);
+                return Ok((id, Outcome::Shared));
+            }
+        }
+
+        let keys = self.sim.as_ref().map(|s| s.keys(page));
+        let patch = self.try_patch(page, keys.as_ref());
+        let mut cbuf = [0u8; MAX_COMPRESSED];
+        let clen = match self.cfg.max_compressed {
+            0 => None,
+            max => self.cfg.compression.compress(page, &mut cbuf).filter(|&n| n <= max),
+        };
+        let (form, payload, reference) = match (patch, clen) {
+            (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {
+                self.unpin(r);
+                (Form::Compressed, Box::from(&cbuf[..n]), None)
+            }
+            (Some((r, p)), _) => (Form::Patched, p.into_boxed_slice(), Some(r)),
+            (None, Some(n)) => (Form::Compressed, Box::from(&cbuf[..n]), None),
+            (None, None) => (Form::Raw, Box::from(&page[..]), None),
+        };
+
+        let mut sh = self.shards[si].write();
+        // An identical page may have been stored while this one was being encoded.
+        if let Some(slot) = find_whole(&sh, h32, page, self.cfg)? {
+            sh.add_owner(slot);
+            let id = PageId::new(si, slot, sh.entries[slot].generation());
+            drop(sh);
+            if let Some(r) = reference {
+                self.unpin(r);
+            }
+            return Ok((id, Outcome::Shared));
+        }
+        let len = payload.len();
+        let (slot, generation) = match sh.alloc(form, h32, payload) {
+            Ok(s) => s,
+            Err(e) => {
+                drop(sh);
+                if let Some(r) = reference {
+                    self.unpin(r);
+                }
+                return Err(e);
+            }
+        };
+        drop(sh);
+        let outcome = match form {
+            Form::Patched => Outcome::Patched { bytes: len - REF_BYTES },
+            Form::Compressed => Outcome::Compressed { bytes: len },
+            _ => Outcome::Raw,
+        };
+        if let (Some(sim), Some(keys)) = (&self.sim, keys) {
+            if form.is_reference() {
+                sim.insert(&keys, loc(si, slot));
+            }
+        }
+        Ok((PageId::new(si, slot, generation), outcome))
+    }
+
+    /// Finds a reference through the similarity index and encodes `page` against it. On
+    /// success the reference is pinned (its deps count raised) and the payload returned.
+    fn try_patch(&self, page: &Page, keys: Option<&Keys>) -> Option<(Loc, Vec<u8>)> {
+        let (sim, keys, pc) = (self.sim.as_ref()?, keys?, self.cfg.patch?);
+        let r = sim.lookup(keys)?;
+        let mut reference = [0u8; PAGE_SIZE];
+        if !self.pin(r, &mut reference) {
+            return None;
+        }
+        let mut delta = Vec::with_capacity(pc.max_patch + 64);
+        if !pc.codec.encode(page, &reference, pc.max_patch, &mut delta) {
+            self.unpin(r);
+            return None;
+        }
+        let mut payload = Vec::with_capacity(REF_BYTES + delta.len());
+        payload.extend_from_slice(&r.to_le_bytes());
+        payload.extend_from_slice(&delta);
+        Some((r, payload))
+    }
+
+    /// Reads a stored page back into `out`.
+    pub fn read(&self, id: PageId, out: &mut Page) -> Result<(), StoreError> {
+        if id == PageId::ZERO {
+            out.fill(0);
+            return Ok(());
+        }
+        let (si, slot) = split(id.loc());
+        let sh = self.shards[si].read();
+        let e = sh.entries.get(slot).filter(|e| e.holds(id)).ok_or(StoreError::UnknownPage(id))?;
+        match e.form() {
+            Form::Raw => out.copy_from_slice(&e.payload),
+            Form::Compressed => self
+                .cfg
+                .compression
+                .decompress(&e.payload, out)
+                .map_err(|err| StoreError::CorruptCompressed(id, err))?,
+            _ => {
+                // Copy the patch out and let go of this shard before touching the reference's.
+                let r = e.patch_ref();
+                let n = e.payload.len() - REF_BYTES;
+                let mut delta = [0u8; PAGE_SIZE];
+                delta[..n].copy_from_slice(&e.payload[REF_BYTES..]);
+                drop(sh);
+                let mut reference = [0u8; PAGE_SIZE];
+                self.read_reference(r, &mut reference)?;
+                self.codec
+                    .decode(&delta[..n], &reference, out)
+                    .map_err(|err| StoreError::CorruptPatch(id, err))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back one reference to a page; the page is freed when no owner and no patch
+    /// needs it.
+    pub fn remove(&self, id: PageId) -> Result<(), StoreError> {
+        if id == PageId::ZERO {
+            return self
+                .zero
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |z| z.checked_sub(1))
+                .map(drop)
+                .map_err(|_| StoreError::UnknownPage(id));
+        }
+        let (si, slot) = split(id.loc());
+        let mut sh = self.shards[si].write();
+        if !sh.entries.get(slot).is_some_and(|e| e.holds(id)) {
+            return Err(StoreError::UnknownPage(id));
+        }
+        let freed = sh.release_owner(si, slot);
+        drop(sh);
+        if let Some(f) = freed {
+            self.after_free(f);
+        }
+        Ok(())
+    }
+
+    /// What an insert of `page` would find, without storing anything: the hash, the lookups
+    /// and the byte compare, but no encoding.
+    pub fn classify(&self, page: &Page) -> Result<Class, StoreError> {
+        if is_zero(page) {
+            return Ok(Class::Zero);
+        }
+        let h = xxh3_64(page);
+        let si = (h >> (64 - SHARD_BITS)) as usize;
+        if let Some(id) = self.find_duplicate(si, h as u32, page)? {
+            return Ok(Class::Duplicate(id));
+        }
+        let similar = self.sim.as_ref().and_then(|s| s.lookup(&s.keys(page)));
+        Ok(if similar.is_some() { Class::Similar } else { Class::Unique })
+    }
+
+    /// Counters of everything held. Cheap: sums per-shard counters under each shard's read lock.
+    pub fn stats(&self) -> Stats {
+        let mut c = [Counters::default(); 3];
+        let mut meta = self.fixed_bytes();
+        for s in self.shards.iter() {
+            let s = s.read();
+            for (a, b) in c.iter_mut().zip(&s.counts) {
+                a.stored += b.stored;
+                a.live += b.live;
+                a.owners += b.owners;
+                a.payload += b.payload;
+            }
+            meta += s.bytes();
+        }
+        self.stats_from(&c, meta)
+    }
+
+    /// Walks every entry, checks the store's invariants, and returns stats recounted from
+    /// scratch. For tests and `fsck`-like checks: it holds every shard's read lock at once.
+    pub fn audit(&self) -> Result<Stats, String> {
+        let guards: Vec<_> = self.shards.iter().map(|s| s.read()).collect();
+        let mut c = [Counters::default(); 3];
+        let mut meta = self.fixed_bytes();
+        let mut deps = std::collections::HashMap::<Loc, u32>::new();
+        for (si, sh) in guards.iter().enumerate() {
+            meta += sh.bytes();
+            let mut in_table = 0;
+            for (slot, e) in sh.entries.iter().enumerate() {
+                let form = e.form();
+                if form == Form::Free {
+                    continue;
+                }
+                in_table += 1;
+                let k = &mut c[form.ix()];
+                k.stored += 1;
+                k.live += u64::from(e.owners > 0);
+                k.owners += u64::from(e.owners);
+                k.payload += e.payload.len() as u64;
+                if e.owners == 0 && e.deps == 0 {
+                    return Err(format!("shard {si} slot {slot}: held by nothing but not freed"));
+                }
+                if sh.dedup.find(table_hash(e.hash), |&s| s as usize == slot).is_none() {
+                    return Err(format!("shard {si} slot {slot}: missing from the sharing table"));
+                }
+                if form == Form::Patched {
+                    *deps.entry(e.patch_ref()).or_default() += 1;
+                }
+            }
+            if sh.dedup.len() != in_table {
+                return Err(format!("shard {si}: sharing table has {} slots, {in_table} stored", sh.dedup.len()));
+            }
+            if sh.counts != {
+                let mut own = [Counters::default(); 3];
+                for e in sh.entries.iter().filter(|e| e.form() != Form::Free) {
+                    let k = &mut own[e.form().ix()];
+                    k.stored += 1;
+                    k.live += u64::from(e.owners > 0);
+                    k.owners += u64::from(e.owners);
+                    k.payload += e.payload.len() as u64;
+                }
+                own
+            } {
+                return Err(format!("shard {si}: counters disagree with its entries"));
+            }
+        }
+        for (si, sh) in guards.iter().enumerate() {
+            for (slot, e) in sh.entries.iter().enumerate() {
+                let want = deps.get(&loc(si, slot)).copied().unwrap_or(0);
+                if e.form() != Form::Free && e.deps != want {
+                    return Err(format!("shard {si} slot {slot}: {} deps recorded, {want} patches use it", e.deps));
+                }
+                if want > 0 && !e.form().is_reference() {
+                    return Err(format!("shard {si} slot {slot}: patches point at a non-reference"));
+                }
+            }
+        }
+        Ok(self.stats_from(&c, meta))
+    }
+
+    fn fixed_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.shards.len() * std::mem::size_of::<RwLock<Shard>>()
+            + self.sim.as_ref().map_or(0, SimilarityIndex::bytes)
+    }
+
+    fn stats_from(&self, c: &[Counters; 3], meta: usize) -> Stats {
+        let f = |k: &Counters| FormStats {
+            stored: k.stored,
+            live: k.live,
+            payload_bytes: k.payload,
+        };
+        let mut patched = f(&c[Form::Patched.ix()]);
+        patched.payload_bytes -= patched.stored * REF_BYTES as u64;
+        let (owners, live, stored): (u64, u64, u64) = c.iter().fold((0, 0, 0), |a, k| (a.0 + k.owners, a.1 + k.live, a.2 + k.stored));
+        Stats {
+            zero_pages: self.zero.load(Ordering::Relaxed),
+            shared_pages: owners - live,
+            patched,
+            compressed: f(&c[Form::Compressed.ix()]),
+            raw: f(&c[Form::Raw.ix()]),
+            reference_only_pages: stored - live,
+            metadata_bytes: (meta + patched.stored as usize * REF_BYTES) as u64,
+        }
+    }
+
+    /// A duplicate of `page` among the stored pages with hash `h32`, compared byte for byte.
+    fn find_duplicate(&self, si: usize, h32: u32, page: &Page) -> Result<Option<PageId>, StoreError> {
+        let mut patched: Vec<(PageId, Loc, Vec<u8>)> = Vec::new();
+        {
+            let sh = self.shards[si].read();
+            if let Some(slot) = find_whole(&sh, h32, page, self.cfg)? {
+                return Ok(Some(PageId::new(si, slot, sh.entries[slot].generation())));
+            }
+            for &slot in sh.dedup.iter_hash(table_hash(h32)) {
+                let e = &sh.entries[slot as usize];
+                if e.hash == h32 && e.form() == Form::Patched {
+                    let id = PageId::new(si, slot as usize, e.generation());
+                    patched.push((id, e.patch_ref(), e.payload[REF_BYTES..].to_vec()));
+                }
+            }
+        }
+        // Patched candidates need their reference, which may live in another shard.
+        let mut reference = [0u8; PAGE_SIZE];
+        let mut candidate = [0u8; PAGE_SIZE];
+        for (id, r, delta) in patched {
+            if self.read_reference(r, &mut reference).is_ok()
+                && self.codec.decode(&delta, &reference, &mut candidate).is_ok()
+                && candidate == *page
+            {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads a whole (raw or compressed) page by location.
+    fn read_reference(&self, r: Loc, out: &mut Page) -> Result<(), StoreError> {
+        let (si, slot) = split(r);
+        let sh = self.shards[si].read();
+        let e = sh.entries.get(slot).filter(|e| e.form().is_reference());
+        let e = e.ok_or(StoreError::UnknownPage(PageId::new(si, slot, 0)))?;
+        decode_whole(e, self.cfg, out).map_err(|err| StoreError::CorruptCompressed(PageId::new(si, slot, e.generation()), err))
+    }
+
+    /// Raises the deps count of a reference and reads it; false if it is gone or unusable.
+    fn pin(&self, r: Loc, out: &mut Page) -> bool {
+        let (si, slot) = split(r);
+        let mut sh = self.shards[si].write();
+        let Some(e) = sh.entries.get_mut(slot) else { return false };
+        if !e.form().is_reference() || e.deps == u32::MAX || decode_whole(e, self.cfg, out).is_err() {
+            return false;
+        }
+        e.deps += 1;
+        true
+    }
+
+    fn unpin(&self, r: Loc) {
+        let (si, slot) = split(r);
+        let mut sh = self.shards[si].write();
+        let e = &mut sh.entries[slot];
+        e.deps -= 1;
+        let freed = (e.deps == 0 && e.owners == 0).then(|| sh.free(si, slot));
+        drop(sh);
+        if let Some(f) = freed {
+            self.after_free(f);
+        }
+    }
+
+    /// Settles what a freed page leaves behind: its reference's deps, or its similarity keys.
+    fn after_free(&self, f: Freed) {
+        match f.form {
+            Form::Patched => {
+                let r = u32::from_le_bytes(f.payload[..REF_BYTES].try_into().expect("patch has a ref"));
+                self.unpin(r);
+            }
+            Form::Raw | Form::Compressed => {
+                if let Some(sim) = &self.sim {
+                    let mut page = [0u8; PAGE_SIZE];
+                    let ok = match f.form {
+                        Form::Raw => {
+                            page.copy_from_slice(&f.payload);
+                            true
+                        }
+                        _ => self.cfg.compression.decompress(&f.payload, &mut page).is_ok(),
+                    };
+                    if ok {
+                        sim.remove(&sim.keys(&page), f.loc);
+                    }
+                }
+            }
+            Form::Free => {}
+        }
+    }
+}
+
+fn decode_whole(e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
+    match e.form() {
+        Form::Raw => {
+            out.copy_from_slice(&e.payload);
+            Ok(())
+        }
+        _ => cfg.compression.decompress(&e.payload, out),
+    }
+}
+
+/// A raw or compressed page in `sh` equal to `page`.
+fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<usize>, StoreError> {
+    let mut buf = [0u8; PAGE_SIZE];
+    for &slot in sh.dedup.iter_hash(table_hash(h32)) {
+        let e = &sh.entries[slot as usize];
+        if e.hash != h32 {
+            continue;
+        }
+        let equal = match e.form() {
+            Form::Raw => e.payload[..] == page[..],
+            Form::Compressed => {
+                cfg.compression.decompress(&e.payload, &mut buf).map_err(|err| {
+                    StoreError::CorruptCompressed(PageId::new(0, slot as usize, e.generation()), err)
+                })?;
+                buf == *page
+            }
+            _ => false,
+        };
+        if equal {
+            return Ok(Some(slot as usize));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
+
+    #[test]
+    fn ids_round_trip_their_parts() {
+        let id = PageId::new(SHARDS - 1, MAX_SLOTS - 1, GEN_MASK);
+        assert_eq!(split(id.loc()), (SHARDS - 1, MAX_SLOTS - 1));
+        assert_eq!(id.generation(), GEN_MASK);
+        assert_ne!(id, PageId::ZERO);
+    }
+}
