@@ -1,1 +1,189 @@
-fn main() {}
+//! memvisor: a memory-efficient hosted hypervisor on Linux KVM.
+//!
+//! This binary is thin: argument parsing, progress and tables for people, JSON for programs.
+
+mod alloc;
+mod analyze;
+mod bench;
+mod demo;
+mod input;
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagestore::{Compression, Config, DeltaCodec, PatchConfig, SimilarityConfig};
+
+use crate::input::Input;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+#[derive(Parser)]
+#[command(name = "memvisor", version, about = "A memory-efficient hosted hypervisor on Linux KVM")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// What sharing, patching and compression would save on memory images and live processes.
+    Analyze {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Raw memory images, ELF core files (gcore, QEMU dump-guest-memory), pid:N, or raw:PATH
+        /// to read a file as a raw image even if it begins with an ELF header.
+        #[arg(required = true, value_name = "INPUT")]
+        inputs: Vec<String>,
+    },
+    /// Benchmarks, each against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// The main job: real programs' memory analyzed and benchmarked, nothing to configure.
+    Demo {
+        /// Pages for the benchmark part (fewer is quicker).
+        #[arg(long, default_value_t = 32768)]
+        bench_pages: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// The page store on real pages: classify, insert and read per class, against memcpy and
+    /// lz4_flex; footprint against sharing only and LZ4 only; the delta codecs compared.
+    Pagestore {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Most pages to read from the inputs.
+        #[arg(long, default_value_t = 65536)]
+        max_pages: usize,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Inputs as for analyze; by default this machine's own processes.
+        #[arg(value_name = "INPUT")]
+        inputs: Vec<String>,
+    },
+}
+
+/// How the page store is configured.
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// Compressor: lz4, or zstd or zstd:LEVEL (1-19).
+    #[arg(long, default_value = "lz4")]
+    compression: String,
+    /// Turn sub-page patching off.
+    #[arg(long)]
+    no_patch: bool,
+    /// Delta codec for patches: xor-rle, xor-lz4 or copy-insert.
+    #[arg(long, default_value = "xor-rle")]
+    codec: String,
+    /// Largest patch kept, in bytes.
+    #[arg(long, default_value_t = 2048)]
+    max_patch: usize,
+    /// Similarity index shape K,S: K keys per page, each over S 64-byte blocks.
+    #[arg(long, default_value = "2,1")]
+    similarity: String,
+}
+
+impl StoreArgs {
+    fn config(&self) -> Result<Config> {
+        let compression = match self.compression.split_once(':') {
+            None if self.compression == "lz4" => Compression::Lz4,
+            None if self.compression == "zstd" => Compression::Zstd { level: 3 },
+            Some(("zstd", l)) => Compression::Zstd {
+                level: l.parse().with_context(|| format!("--compression {}: level must be a number", self.compression))?,
+            },
+            _ => bail!("--compression {}: use lz4, zstd or zstd:LEVEL", self.compression),
+        };
+        let Some(codec) = DeltaCodec::ALL.into_iter().find(|c| c.name() == self.codec) else {
+            bail!("--codec {}: use xor-rle, xor-lz4 or copy-insert", self.codec);
+        };
+        let sim = self
+            .similarity
+            .split_once(',')
+            .and_then(|(k, s)| Some((k.trim().parse().ok()?, s.trim().parse().ok()?)))
+            .with_context(|| format!("--similarity {}: write K,S, for example 2,1", self.similarity))?;
+        let cfg = Config {
+            compression,
+            patch: (!self.no_patch).then_some(PatchConfig {
+                codec,
+                max_patch: self.max_patch,
+                similarity: SimilarityConfig {
+                    indices: sim.0,
+                    blocks_per_index: sim.1,
+                    ..SimilarityConfig::default()
+                },
+            }),
+            ..Config::default()
+        };
+        cfg.validate().context("invalid store options")?;
+        Ok(cfg)
+    }
+}
+
+fn parse_inputs(raw: &[String]) -> Result<Vec<Input>> {
+    raw.iter().map(|s| Input::parse(s).map_err(Into::into)).collect()
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bar:40} {bytes_per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    pb
+}
+
+/// Analyzes `inputs` and prints tables (or JSON).
+fn run_analyze(inputs: &[Input], cfg: Config, json: bool) -> Result<analyze::Analysis> {
+    let pb = progress_bar(json);
+    let a = analyze::analyze(inputs, cfg, |total| pb.set_length(total), |n| pb.inc(n))?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&a)?);
+    } else {
+        print!("{}", analyze::render(&a));
+    }
+    Ok(a)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Analyze { json, store, inputs } => {
+            run_analyze(&parse_inputs(&inputs)?, store.config()?, json)?;
+        }
+        Cmd::Bench {
+            what: BenchCmd::Pagestore {
+                json,
+                runs,
+                max_pages,
+                store,
+                inputs,
+            },
+        } => {
+            let s = bench::run(&parse_inputs(&inputs)?, max_pages, runs, store.config()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", bench::render(&s));
+            }
+        }
+        Cmd::Demo { bench_pages } => demo::run(bench_pages)?,
+    }
+    Ok(())
+}

@@ -48,6 +48,21 @@ impl DeltaCodec {
         }
     }
 
+    /// True when [`DeltaCodec::patch_in_place`] works: the patch only overwrites bytes at their
+    /// own offsets, so the reference can be decoded straight into the output.
+    pub fn patches_in_place(self) -> bool {
+        self == DeltaCodec::XorRle
+    }
+
+    /// Turns `page`, holding the reference, into the patched page. Only for codecs whose
+    /// [`DeltaCodec::patches_in_place`] is true; others return [`DecodeError::NotInPlace`].
+    pub fn patch_in_place(self, delta: &[u8], page: &mut Page) -> Result<(), DecodeError> {
+        match self {
+            DeltaCodec::XorRle => xor_rle_apply(delta, page),
+            _ => Err(DecodeError::NotInPlace),
+        }
+    }
+
     /// Rebuilds the page that `delta` was encoded from, given the same `reference`.
     pub fn decode(self, delta: &[u8], reference: &Page, out: &mut Page) -> Result<(), DecodeError> {
         match self {
@@ -70,6 +85,9 @@ pub enum DecodeError {
     /// the operations rebuild fewer bytes than a page
     #[error("patch rebuilds {0} bytes, not a page")]
     WrongLength(usize),
+    /// the codec needs the reference apart from the output
+    #[error("this codec cannot patch in place")]
+    NotInPlace,
     /// the LZ4 payload of an xor-lz4 patch is malformed
     #[error("malformed LZ4 payload in patch")]
     Lz4(#[source] lz4_flex::block::DecompressError),
@@ -143,6 +161,10 @@ fn xor_rle_encode(target: &Page, reference: &Page, limit: usize, out: &mut Vec<u
 
 fn xor_rle_decode(delta: &[u8], reference: &Page, out: &mut Page) -> Result<(), DecodeError> {
     out.copy_from_slice(reference);
+    xor_rle_apply(delta, out)
+}
+
+fn xor_rle_apply(delta: &[u8], out: &mut Page) -> Result<(), DecodeError> {
     let (mut i, mut pos) = (0, 0usize);
     while i < delta.len() {
         let skip = get_varint(delta, &mut i)?;

@@ -28,6 +28,8 @@ const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const NO_SLOT: u32 = u32::MAX;
 /// Bytes in front of a patch naming its reference page.
 const REF_BYTES: usize = 4;
+/// A patch this small is kept without asking whether compression would do better.
+const SURE_PATCH: usize = 256;
 
 /// A handle to a page held by a [`PageStore`].
 ///
@@ -456,18 +458,20 @@ impl PageStore {
 
         let keys = self.sim.as_ref().map(|s| s.keys(page));
         let patch = self.try_patch(page, keys.as_ref());
-        let mut cbuf = [0u8; MAX_COMPRESSED];
-        let clen = match self.cfg.max_compressed {
-            0 => None,
-            max => self.cfg.compression.compress(page, &mut cbuf).filter(|&n| n <= max),
+        // A small patch is kept without trying the compressor: LZ4 rarely gets a page that
+        // small, and skipping it halves the cost of a patched insert.
+        let compressed = match (&patch, self.cfg.max_compressed) {
+            (_, 0) => None,
+            (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
+            (_, max) => self.compress(page, max),
         };
-        let (form, payload, reference) = match (patch, clen) {
-            (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {
+        let (form, payload, reference) = match (patch, compressed) {
+            (Some((r, p)), Some(c)) if c.len() <= p.len() - REF_BYTES => {
                 self.unpin(r);
-                (Form::Compressed, Box::from(&cbuf[..n]), None)
+                (Form::Compressed, c, None)
             }
             (Some((r, p)), _) => (Form::Patched, p.into_boxed_slice(), Some(r)),
-            (None, Some(n)) => (Form::Compressed, Box::from(&cbuf[..n]), None),
+            (None, Some(c)) => (Form::Compressed, c, None),
             (None, None) => (Form::Raw, Box::from(&page[..]), None),
         };
 
@@ -505,6 +509,19 @@ impl PageStore {
             }
         }
         Ok((PageId::new(si, slot, generation), outcome))
+    }
+
+    /// The compressed form of `page` if it is at most `max` bytes.
+    fn compress(&self, page: &Page, max: usize) -> Option<Box<[u8]>> {
+        thread_local! {
+            // Reused, so that no insert pays to zero a fresh buffer.
+            static BUF: std::cell::RefCell<Box<[u8; MAX_COMPRESSED]>> =
+                std::cell::RefCell::new(Box::new([0; MAX_COMPRESSED]));
+        }
+        BUF.with_borrow_mut(|buf| {
+            let n = self.cfg.compression.compress(page, buf).filter(|&n| n <= max)?;
+            Some(Box::from(&buf[..n]))
+        })
     }
 
     /// Finds a reference through the similarity index and encodes `page` against it. On
@@ -546,15 +563,17 @@ impl PageStore {
             _ => {
                 // Copy the patch out and let go of this shard before touching the reference's.
                 let r = e.patch_ref();
-                let n = e.payload.len() - REF_BYTES;
-                let mut delta = [0u8; PAGE_SIZE];
-                delta[..n].copy_from_slice(&e.payload[REF_BYTES..]);
+                let delta = e.payload[REF_BYTES..].to_vec();
                 drop(sh);
-                let mut reference = [0u8; PAGE_SIZE];
-                self.read_reference(r, &mut reference)?;
-                self.codec
-                    .decode(&delta[..n], &reference, out)
-                    .map_err(|err| StoreError::CorruptPatch(id, err))?;
+                let decoded = if self.codec.patches_in_place() {
+                    self.read_reference(r, out)?;
+                    self.codec.patch_in_place(&delta, out)
+                } else {
+                    let mut reference = [0u8; PAGE_SIZE];
+                    self.read_reference(r, &mut reference)?;
+                    self.codec.decode(&delta, &reference, out)
+                };
+                decoded.map_err(|err| StoreError::CorruptPatch(id, err))?;
             }
         }
         Ok(())
@@ -596,6 +615,13 @@ impl PageStore {
         }
         let similar = self.sim.as_ref().and_then(|s| s.lookup(&s.keys(page)));
         Ok(if similar.is_some() { Class::Similar } else { Class::Unique })
+    }
+
+    /// Reads into `out` the reference page that the similarity index proposes for `page`, if
+    /// any: what an insert would try to patch against. For benchmarks of delta codecs.
+    pub fn similar_reference(&self, page: &Page, out: &mut Page) -> bool {
+        let Some(sim) = &self.sim else { return false };
+        sim.lookup(&sim.keys(page)).is_some_and(|r| self.read_reference(r, out).is_ok())
     }
 
     /// Counters of everything held. Cheap: sums per-shard counters under each shard's read lock.
@@ -805,7 +831,6 @@ fn decode_whole(e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressEr
 
 /// A raw or compressed page in `sh` equal to `page`.
 fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<usize>, StoreError> {
-    let mut buf = [0u8; PAGE_SIZE];
     for &slot in sh.dedup.iter_hash(table_hash(h32)) {
         let e = &sh.entries[slot as usize];
         if e.hash != h32 {
@@ -814,6 +839,7 @@ fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<u
         let equal = match e.form() {
             Form::Raw => e.payload[..] == page[..],
             Form::Compressed => {
+                let mut buf = [0u8; PAGE_SIZE];
                 cfg.compression.decompress(&e.payload, &mut buf).map_err(|err| {
                     StoreError::CorruptCompressed(PageId::new(0, slot as usize, e.generation()), err)
                 })?;
