@@ -4,7 +4,9 @@
 //! store actually holds, metadata included), and through the baselines computed on the same
 //! pages: sharing only (what KSM can do), LZ4 only (what zram/zswap do), and both.
 
-use pagestore::{Compression, Config, MAX_COMPRESSED, Outcome, PAGE_SIZE, Page, PageStore, StoreError};
+use pagestore::{
+    Compression, Config, MAX_COMPRESSED, Outcome, PAGE_SIZE, Page, PageStore, StoreError,
+};
 use serde::Serialize;
 
 use crate::input::{Input, InputError, Kind, Skipped, Source};
@@ -150,11 +152,15 @@ pub fn analyze(
     }
     let stats = store.stats();
     // Metadata is shared by all inputs: spread it by each one's share of stored pages.
-    let stored: u64 = reports.iter().map(|r| r.patched + r.compressed + r.raw).sum();
+    let stored: u64 = reports
+        .iter()
+        .map(|r| r.patched + r.compressed + r.raw)
+        .sum();
     for r in &mut reports {
         let mine = r.patched + r.compressed + r.raw;
         if stored > 0 {
-            r.held.memvisor += (u128::from(stats.metadata_bytes) * u128::from(mine) / u128::from(stored)) as u64;
+            let share = u128::from(stats.metadata_bytes) * u128::from(mine) / u128::from(stored);
+            r.held.memvisor += u64::try_from(share).expect("a share of a u64 fits a u64");
         }
     }
     let mut total = Report {
@@ -234,7 +240,11 @@ pub fn render(a: &Analysis) -> String {
             let _ = writeln!(s, "{}", "-".repeat(117));
         }
         let h = &r.held;
-        let name = if r.name.len() > 28 { format!("…{}", &r.name[r.name.len() - 27..]) } else { r.name.clone() };
+        let name = if r.name.len() > 28 {
+            format!("…{}", &r.name[r.name.len() - 27..])
+        } else {
+            r.name.clone()
+        };
         let _ = writeln!(
             s,
             "{:<28} {:>9} {:>9} {:>9} {:>9} {:>8} | {:>13.1}% {:>5.1}% {:>7.1}% {:>8.1}%",
@@ -251,14 +261,24 @@ pub fn render(a: &Analysis) -> String {
         );
     }
     let h = &a.total.held;
-    let _ = writeln!(s, "\nheld for the {} non-zero pages ({}):", a.total.pages - a.total.zero, mib(h.plain));
+    let _ = writeln!(
+        s,
+        "\nheld for the {} non-zero pages ({}):",
+        a.total.pages - a.total.zero,
+        mib(h.plain)
+    );
     for (name, b) in [
         ("sharing only (KSM)", h.sharing_only),
         ("LZ4 only (zram/zswap)", h.lz4_only),
         ("sharing + LZ4", h.sharing_lz4),
         ("memvisor (share+patch+compress)", h.memvisor),
     ] {
-        let _ = writeln!(s, "  {name:<32} {:>12}  saves {:>5.1}%", mib(b), h.saving(b));
+        let _ = writeln!(
+            s,
+            "  {name:<32} {:>12}  saves {:>5.1}%",
+            mib(b),
+            h.saving(b)
+        );
     }
     let st = &a.store;
     let _ = writeln!(

@@ -28,7 +28,11 @@ fn class_ix(o: Outcome) -> usize {
 
 /// Pages from the inputs, or from every process of this machine but ourselves.
 pub fn collect_pages(inputs: &[Input], max_pages: usize) -> Result<(Vec<Page>, Vec<String>)> {
-    let inputs = if inputs.is_empty() { machine_processes() } else { inputs.to_vec() };
+    let inputs = if inputs.is_empty() {
+        machine_processes()
+    } else {
+        inputs.to_vec()
+    };
     let mut pages = Vec::new();
     let mut used = Vec::new();
     for input in &inputs {
@@ -146,8 +150,8 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
         black_box(i);
     }
     r.heap = (live_bytes() - heap0) as u64;
-    for c in 0..5 {
-        r.insert_gbps[c] = gbps(r.insert_pages[c] as usize * PAGE_SIZE, secs[c]);
+    for ((g, &n), &s) in r.insert_gbps.iter_mut().zip(&r.insert_pages).zip(&secs) {
+        *g = n as f64 * PAGE_SIZE as f64 / s / 1e9;
     }
     let st = store.stats();
     (r.held, r.payload, r.metadata) = (st.held_bytes(), st.payload_bytes(), st.metadata_bytes);
@@ -195,7 +199,12 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
     drop(arrival);
 
     // The pages that ended compressed: lz4_flex alone against a fresh store's insert.
-    let comp: Vec<&Page> = ids.iter().zip(pages).filter(|((_, c), _)| *c == 3).map(|(_, p)| p).collect();
+    let comp: Vec<&Page> = ids
+        .iter()
+        .zip(pages)
+        .filter(|((_, c), _)| *c == 3)
+        .map(|(_, p)| p)
+        .collect();
     if !comp.is_empty() {
         let mut buf = [0u8; MAX_COMPRESSED];
         let t = Instant::now();
@@ -257,7 +266,10 @@ fn codec_figures(pages: &[Page], cfg: Config) -> Result<Vec<CodecFigures>> {
     let mut pairs: Vec<(Page, Page)> = Vec::new();
     let mut reference = [0u8; PAGE_SIZE];
     for p in pages {
-        if pairs.len() < 20_000 && store.classify(p)? == Class::Similar && store.similar_reference(p, &mut reference) {
+        if pairs.len() < 20_000
+            && store.classify(p)? == Class::Similar
+            && store.similar_reference(p, &mut reference)
+        {
             pairs.push((*p, reference));
         }
         store.insert(p)?;
@@ -355,7 +367,9 @@ pub struct ClassFigures {
 pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Result<Summary> {
     let (pages, used) = collect_pages(inputs, max_pages)?;
     let runs = runs.max(1);
-    let rs: Vec<Run> = (0..runs).map(|_| one_run(&pages, cfg)).collect::<Result<_>>()?;
+    let rs: Vec<Run> = (0..runs)
+        .map(|_| one_run(&pages, cfg))
+        .collect::<Result<_>>()?;
     let f = |g: &dyn Fn(&Run) -> f64| spread(rs.iter().map(g).collect());
     let last = rs.last().expect("at least one run");
     let classes = (0..5)
@@ -397,14 +411,28 @@ pub fn render(s: &Summary) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let names = if s.inputs.len() > 6 {
-        format!("{} inputs ({} ... {})", s.inputs.len(), s.inputs[0], s.inputs[s.inputs.len() - 1])
+        format!(
+            "{} inputs ({} ... {})",
+            s.inputs.len(),
+            s.inputs[0],
+            s.inputs[s.inputs.len() - 1]
+        )
     } else {
         s.inputs.join(" ")
     };
-    let _ = writeln!(o, "pages: {} ({:.1} MiB) from {names}", s.pages, (s.pages * PAGE_SIZE) as f64 / (1 << 20) as f64);
+    let _ = writeln!(
+        o,
+        "pages: {} ({:.1} MiB) from {names}",
+        s.pages,
+        (s.pages * PAGE_SIZE) as f64 / (1 << 20) as f64
+    );
     let _ = writeln!(o, "one thread; median of {} runs (min-max)\n", s.runs);
     let m = s.memcpy_gbps.median;
-    let _ = writeln!(o, "baseline memcpy of the same pages       {} GB/s", sp(s.memcpy_gbps, 2));
+    let _ = writeln!(
+        o,
+        "baseline memcpy of the same pages       {} GB/s",
+        sp(s.memcpy_gbps, 2)
+    );
     let _ = writeln!(
         o,
         "classify as pages arrive                {} GB/s   = {:.2} x memcpy",
@@ -417,7 +445,11 @@ pub fn render(s: &Summary) -> String {
         sp(s.classify_dup_gbps, 2),
         s.classify_dup_gbps.median / m
     );
-    let _ = writeln!(o, "\n{:<11} {:>8} {:>22} {:>22} {:>20} {:>10}", "class", "pages", "insert GB/s", "read GB/s", "read p50 us", "p99 us");
+    let _ = writeln!(
+        o,
+        "\n{:<11} {:>8} {:>22} {:>22} {:>20} {:>10}",
+        "class", "pages", "insert GB/s", "read GB/s", "read p50 us", "p99 us"
+    );
     for c in &s.classes {
         if c.pages == 0 {
             let _ = writeln!(o, "{:<11} {:>8}", c.class, 0);
@@ -434,7 +466,10 @@ pub fn render(s: &Summary) -> String {
             c.read_p99_us.median
         );
     }
-    let _ = writeln!(o, "(per-page timings include about 20-40 ns of clock reads each)");
+    let _ = writeln!(
+        o,
+        "(per-page timings include about 20-40 ns of clock reads each)"
+    );
     let _ = writeln!(
         o,
         "\npages kept compressed: lz4_flex alone {} GB/s, memvisor insert {} GB/s = {} of lz4_flex",
@@ -458,8 +493,16 @@ pub fn render(s: &Summary) -> String {
         s.held_bytes as f64 / s.sharing_only_bytes.max(1) as f64,
         s.held_bytes as f64 / s.lz4_only_bytes.max(1) as f64
     );
-    let _ = writeln!(o, "\ndelta codecs on the {} (page, reference) pairs the similarity index proposed:", s.codecs.first().map_or(0, |c| c.pairs));
-    let _ = writeln!(o, "{:<12} {:>7} {:>11} {:>10} {:>10} {:>14}", "codec", "kept", "mean bytes", "encode us", "decode us", "saved B / us");
+    let _ = writeln!(
+        o,
+        "\ndelta codecs on the {} (page, reference) pairs the similarity index proposed:",
+        s.codecs.first().map_or(0, |c| c.pairs)
+    );
+    let _ = writeln!(
+        o,
+        "{:<12} {:>7} {:>11} {:>10} {:>10} {:>14}",
+        "codec", "kept", "mean bytes", "encode us", "decode us", "saved B / us"
+    );
     for c in &s.codecs {
         let _ = writeln!(
             o,

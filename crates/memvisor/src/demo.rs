@@ -53,13 +53,20 @@ fn start(dir: &Path, seeds: &[u32]) -> Result<Workloads> {
 
 fn gcore(pid: u32, dir: &Path) -> Result<Option<PathBuf>> {
     let prefix = dir.join("core");
-    let out = match Command::new("gcore").arg("-o").arg(&prefix).arg(pid.to_string()).output() {
-        Ok(o) => o,
-        Err(_) => return Ok(None), // gdb not installed: the demo goes on without cores
+    let Ok(out) = Command::new("gcore")
+        .arg("-o")
+        .arg(&prefix)
+        .arg(pid.to_string())
+        .output()
+    else {
+        return Ok(None); // gdb not installed: the demo goes on without cores
     };
     let path = PathBuf::from(format!("{}.{pid}", prefix.display()));
     if !out.status.success() || !path.exists() {
-        bail!("gcore {pid} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "gcore {pid} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(Some(path))
 }
@@ -98,14 +105,22 @@ pub fn run(bench_pages: usize) -> Result<()> {
 }
 
 fn run_in(dir: &Path, bench_pages: usize) -> Result<()> {
-    heading("starting three runs of one real program (CPython building records) with different data");
+    heading(
+        "starting three runs of one real program (CPython building records) with different data",
+    );
     let w = start(dir, &[1, 2, 3])?;
     let pids: Vec<u32> = w.0.iter().map(Child::id).collect();
     let live: Vec<Input> = pids.iter().map(|&p| Input::Pid(p)).collect();
     println!("pids: {pids:?}");
 
     heading("memvisor analyze on their live memory (resident pages only)");
-    println!("$ memvisor analyze {}", pids.iter().map(|p| format!("pid:{p}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "$ memvisor analyze {}",
+        pids.iter()
+            .map(|p| format!("pid:{p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     crate::run_analyze(&live, Config::default(), false)?;
 
     let mut files = Vec::new();
@@ -113,7 +128,9 @@ fn run_in(dir: &Path, bench_pages: usize) -> Result<()> {
         match gcore(pid, dir)? {
             Some(p) => files.push(p),
             None => {
-                println!("\n(gdb's gcore is not installed: skipping core dumps; apt-get install gdb)");
+                println!(
+                    "\n(gdb's gcore is not installed: skipping core dumps; apt-get install gdb)"
+                );
                 break;
             }
         }

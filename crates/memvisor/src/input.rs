@@ -105,7 +105,10 @@ impl Input {
     /// `pid:N` or a path.
     pub fn parse(s: &str) -> Result<Input, InputError> {
         if let Some(n) = s.strip_prefix("pid:") {
-            return n.parse().map(Input::Pid).map_err(|_| InputError::BadPid(s.to_string()));
+            return n
+                .parse()
+                .map(Input::Pid)
+                .map_err(|_| InputError::BadPid(s.to_string()));
         }
         Ok(match s.strip_prefix("raw:") {
             Some(p) => Input::Raw(PathBuf::from(p)),
@@ -186,7 +189,8 @@ impl Source {
         for r in &self.regions {
             let mut off = 0u64;
             while off < r.len {
-                let n = (r.len - off).min(buf.len() as u64) as usize;
+                let n =
+                    usize::try_from((r.len - off).min(buf.len() as u64)).expect("at most a chunk");
                 let pages = n.div_ceil(PAGE_SIZE);
                 let at = r.start + off;
                 if let Some(pm) = &self.pagemap {
@@ -196,14 +200,20 @@ impl Source {
                     let (lo, hi) = (run.0 * PAGE_SIZE, (run.1 * PAGE_SIZE).min(n));
                     let chunk = &mut buf[lo..run.1 * PAGE_SIZE];
                     chunk.fill(0);
-                    match self.file.read_exact_at(&mut chunk[..hi - lo], at + lo as u64) {
+                    match self
+                        .file
+                        .read_exact_at(&mut chunk[..hi - lo], at + lo as u64)
+                    {
                         Ok(()) => {
                             for p in chunk.chunks_exact(PAGE_SIZE) {
                                 f(p.try_into().expect("a page"));
                             }
                         }
                         // The kernel refuses some mappings of a live process (EIO).
-                        Err(e) if self.kind == Kind::Process && e.raw_os_error() == Some(libc::EIO) => {
+                        Err(e)
+                            if self.kind == Kind::Process
+                                && e.raw_os_error() == Some(libc::EIO) =>
+                        {
                             skipped.unreadable += (run.1 - run.0) as u64;
                         }
                         Err(source) => {
@@ -286,7 +296,10 @@ fn open_file(path: &Path, force_raw: bool) -> Result<Source, InputError> {
             name,
             kind: Kind::Raw,
             file,
-            regions: vec![Region { start: 0, len: size }],
+            regions: vec![Region {
+                start: 0,
+                len: size,
+            }],
             pagemap: None,
         });
     }
@@ -327,7 +340,10 @@ fn core_segments(path: &Path, file: &File, size: u64) -> Result<Vec<Region>, Inp
             object::elf::ET_REL => "an object file".to_string(),
             t => format!("ELF type {t}"),
         };
-        return Err(InputError::NotCore { path: path.into(), what });
+        return Err(InputError::NotCore {
+            path: path.into(),
+            what,
+        });
     }
     let mut regions = Vec::new();
     for ph in elf.elf_program_headers() {
@@ -351,6 +367,11 @@ fn core_segments(path: &Path, file: &File, size: u64) -> Result<Vec<Region>, Inp
 fn open_pid(pid: u32) -> Result<Source, InputError> {
     let dir = PathBuf::from(format!("/proc/{pid}"));
     let read_err = |source: std::io::Error| match source.kind() {
+        // A kernel thread or a zombie has a /proc entry but no memory to show.
+        _ if source.raw_os_error() == Some(libc::ESRCH) && dir.join("stat").exists() => {
+            InputError::NoMemory(pid)
+        }
+        _ if source.raw_os_error() == Some(libc::ESRCH) => InputError::NoProcess(pid),
         ErrorKind::NotFound => InputError::NoProcess(pid),
         ErrorKind::PermissionDenied => InputError::Denied { pid, source },
         _ => InputError::Io {
@@ -364,16 +385,25 @@ fn open_pid(pid: u32) -> Result<Source, InputError> {
     let mut regions = Vec::new();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
         let name = f.nth(3).unwrap_or("");
         // vvar and friends are kernel pages that /proc/PID/mem refuses; vsyscall is not memory.
         if !perms.starts_with('r') || name.starts_with("[vvar") || name == "[vsyscall]" {
             continue;
         }
-        let Some((lo, hi)) = range.split_once('-') else { continue };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else { continue };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+            continue;
+        };
         if hi > lo {
-            regions.push(Region { start: lo, len: hi - lo });
+            regions.push(Region {
+                start: lo,
+                len: hi - lo,
+            });
         }
     }
     if regions.is_empty() {
@@ -381,10 +411,10 @@ fn open_pid(pid: u32) -> Result<Source, InputError> {
     }
     // Reading the first page tells apart "not allowed" from "allowed" before any work.
     let mut probe = [0u8; 1];
-    if let Err(e) = file.read_exact_at(&mut probe, regions[0].start) {
-        if e.kind() == ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) {
-            return Err(InputError::Denied { pid, source: e });
-        }
+    if let Err(e) = file.read_exact_at(&mut probe, regions[0].start)
+        && (e.kind() == ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM))
+    {
+        return Err(InputError::Denied { pid, source: e });
     }
     Ok(Source {
         name: format!("pid:{pid}"),
@@ -410,7 +440,13 @@ mod tests {
     fn parses_inputs() {
         assert_eq!(Input::parse("pid:12").unwrap(), Input::Pid(12));
         assert!(matches!(Input::parse("pid:x"), Err(InputError::BadPid(_))));
-        assert_eq!(Input::parse("a.core").unwrap(), Input::File("a.core".into()));
-        assert_eq!(Input::parse("raw:a.img").unwrap(), Input::Raw("a.img".into()));
+        assert_eq!(
+            Input::parse("a.core").unwrap(),
+            Input::File("a.core".into())
+        );
+        assert_eq!(
+            Input::parse("raw:a.img").unwrap(),
+            Input::Raw("a.img".into())
+        );
     }
 }

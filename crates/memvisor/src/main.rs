@@ -21,7 +21,11 @@ use crate::input::Input;
 static ALLOC: alloc::Counting = alloc::Counting;
 
 #[derive(Parser)]
-#[command(name = "memvisor", version, about = "A memory-efficient hosted hypervisor on Linux KVM")]
+#[command(
+    name = "memvisor",
+    version,
+    about = "A memory-efficient hosted hypervisor on Linux KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -102,18 +106,31 @@ impl StoreArgs {
             None if self.compression == "lz4" => Compression::Lz4,
             None if self.compression == "zstd" => Compression::Zstd { level: 3 },
             Some(("zstd", l)) => Compression::Zstd {
-                level: l.parse().with_context(|| format!("--compression {}: level must be a number", self.compression))?,
+                level: l.parse().with_context(|| {
+                    format!("--compression {}: level must be a number", self.compression)
+                })?,
             },
-            _ => bail!("--compression {}: use lz4, zstd or zstd:LEVEL", self.compression),
+            _ => bail!(
+                "--compression {}: use lz4, zstd or zstd:LEVEL",
+                self.compression
+            ),
         };
         let Some(codec) = DeltaCodec::ALL.into_iter().find(|c| c.name() == self.codec) else {
-            bail!("--codec {}: use xor-rle, xor-lz4 or copy-insert", self.codec);
+            bail!(
+                "--codec {}: use xor-rle, xor-lz4 or copy-insert",
+                self.codec
+            );
         };
         let sim = self
             .similarity
             .split_once(',')
             .and_then(|(k, s)| Some((k.trim().parse().ok()?, s.trim().parse().ok()?)))
-            .with_context(|| format!("--similarity {}: write K,S, for example 2,1", self.similarity))?;
+            .with_context(|| {
+                format!(
+                    "--similarity {}: write K,S, for example 2,1",
+                    self.similarity
+                )
+            })?;
         let cfg = Config {
             compression,
             patch: (!self.no_patch).then_some(PatchConfig {
@@ -133,7 +150,9 @@ impl StoreArgs {
 }
 
 fn parse_inputs(raw: &[String]) -> Result<Vec<Input>> {
-    raw.iter().map(|s| Input::parse(s).map_err(Into::into)).collect()
+    raw.iter()
+        .map(|s| Input::parse(s).map_err(Into::into))
+        .collect()
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {
@@ -142,8 +161,10 @@ fn progress_bar(quiet: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new(0);
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bar:40} {bytes_per_sec} eta {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} {bar:40} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
     );
     pb
 }
@@ -164,17 +185,22 @@ fn run_analyze(inputs: &[Input], cfg: Config, json: bool) -> Result<analyze::Ana
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Analyze { json, store, inputs } => {
+        Cmd::Analyze {
+            json,
+            store,
+            inputs,
+        } => {
             run_analyze(&parse_inputs(&inputs)?, store.config()?, json)?;
         }
         Cmd::Bench {
-            what: BenchCmd::Pagestore {
-                json,
-                runs,
-                max_pages,
-                store,
-                inputs,
-            },
+            what:
+                BenchCmd::Pagestore {
+                    json,
+                    runs,
+                    max_pages,
+                    store,
+                    inputs,
+                },
         } => {
             let s = bench::run(&parse_inputs(&inputs)?, max_pages, runs, store.config()?)?;
             if json {

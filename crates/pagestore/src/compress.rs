@@ -7,22 +7,17 @@ use serde::{Deserialize, Serialize};
 use crate::page::{PAGE_SIZE, Page};
 
 /// The compressor for pages that are neither shared nor patched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Compression {
-    /// LZ4 block format: what zram and zswap use by default; decodes a page in about a microsecond.
+    /// LZ4 block format: what zram and zswap use by default; decodes a page in a microsecond or two.
+    #[default]
     Lz4,
     /// zstd at the given level (1 to 19): a better ratio for colder pages, at more CPU.
     Zstd {
         /// zstd compression level.
         level: i32,
     },
-}
-
-impl Default for Compression {
-    fn default() -> Self {
-        Compression::Lz4
-    }
 }
 
 /// Why a compressed page could not be rebuilt.
@@ -69,14 +64,17 @@ impl Compression {
     /// Rebuilds a page from what [`Compression::compress`] produced. Never panics on bad input.
     pub fn decompress(self, data: &[u8], out: &mut Page) -> Result<(), CompressError> {
         let n = match self {
-            Compression::Lz4 => lz4_flex::block::decompress_into(data, out).map_err(CompressError::Lz4)?,
+            Compression::Lz4 => {
+                lz4_flex::block::decompress_into(data, out).map_err(CompressError::Lz4)?
+            }
             Compression::Zstd { .. } => ZSTD_D.with(|d| {
                 let mut d = d.borrow_mut();
                 if d.is_none() {
                     *d = Some(zstd::bulk::Decompressor::new().map_err(CompressError::Zstd)?);
                 }
                 let z = d.as_mut().expect("decompressor just made");
-                z.decompress_to_buffer(data, &mut out[..]).map_err(CompressError::Zstd)
+                z.decompress_to_buffer(data, &mut out[..])
+                    .map_err(CompressError::Zstd)
             })?,
         };
         if n != PAGE_SIZE {
@@ -95,6 +93,7 @@ impl Compression {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test data is built by truncating on purpose
 mod tests {
     use super::*;
 

@@ -90,10 +90,10 @@ impl Config {
                 value: self.max_compressed,
             });
         }
-        if let Compression::Zstd { level } = self.compression {
-            if !(1..=19).contains(&level) {
-                return Err(ConfigError::ZstdLevel(level));
-            }
+        if let Compression::Zstd { level } = self.compression
+            && !(1..=19).contains(&level)
+        {
+            return Err(ConfigError::ZstdLevel(level));
         }
         if let Some(p) = &self.patch {
             if !(1..=MAX_INDICES).contains(&p.similarity.indices) {

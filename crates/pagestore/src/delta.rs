@@ -26,7 +26,11 @@ pub enum DeltaCodec {
 
 impl DeltaCodec {
     /// Every codec, for benchmarks that compare them.
-    pub const ALL: [DeltaCodec; 3] = [DeltaCodec::XorRle, DeltaCodec::XorLz4, DeltaCodec::CopyInsert];
+    pub const ALL: [DeltaCodec; 3] = [
+        DeltaCodec::XorRle,
+        DeltaCodec::XorLz4,
+        DeltaCodec::CopyInsert,
+    ];
 
     /// The codec's name as the command line spells it.
     pub fn name(self) -> &'static str {
@@ -97,10 +101,10 @@ pub enum DecodeError {
 #[inline]
 fn put_varint(out: &mut Vec<u8>, mut v: usize) {
     while v >= 0x80 {
-        out.push((v as u8) | 0x80);
+        out.push(v.to_le_bytes()[0] | 0x80);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.push(v.to_le_bytes()[0]);
 }
 
 #[inline]
@@ -228,7 +232,7 @@ fn copy_insert_encode(target: &Page, reference: &Page, limit: usize, out: &mut V
     // so that any match of 11 bytes or more at any shift is found.
     let mut index = [0u16; 1 << INDEX_BITS];
     for p in (0..=PAGE_SIZE - 8).step_by(4) {
-        index[window_hash(&reference[p..])] = (p + 1) as u16;
+        index[window_hash(&reference[p..])] = u16::try_from(p + 1).expect("page offsets fit u16");
     }
     let (mut i, mut lit) = (0, 0);
     while i + 8 <= PAGE_SIZE {
@@ -245,7 +249,10 @@ fn copy_insert_encode(target: &Page, reference: &Page, limit: usize, out: &mut V
             let fwd = match_len(&target[i..], &reference[c..]);
             if fwd >= 8 {
                 let mut back = 0;
-                while i - back > lit && c - back > 0 && target[i - back - 1] == reference[c - back - 1] {
+                while i - back > lit
+                    && c - back > 0
+                    && target[i - back - 1] == reference[c - back - 1]
+                {
                     back += 1;
                 }
                 let (s, cs, len) = (i - back, c - back, fwd + back);
@@ -276,10 +283,16 @@ fn copy_insert_decode(delta: &[u8], reference: &Page, out: &mut Page) -> Result<
     while i < delta.len() {
         let head = get_varint(delta, &mut i)?;
         let len = head >> 1;
-        let dst = out.get_mut(pos..pos + len).ok_or(DecodeError::OutOfBounds)?;
+        let dst = out
+            .get_mut(pos..pos + len)
+            .ok_or(DecodeError::OutOfBounds)?;
         if head & 1 == 1 {
             let off = get_varint(delta, &mut i)?;
-            dst.copy_from_slice(reference.get(off..off + len).ok_or(DecodeError::OutOfBounds)?);
+            dst.copy_from_slice(
+                reference
+                    .get(off..off + len)
+                    .ok_or(DecodeError::OutOfBounds)?,
+            );
         } else {
             dst.copy_from_slice(take(delta, &mut i, len)?);
         }
@@ -292,6 +305,7 @@ fn copy_insert_decode(delta: &[u8], reference: &Page, out: &mut Page) -> Result<
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test data is built by truncating on purpose
 mod tests {
     use super::*;
     use proptest::prelude::*;

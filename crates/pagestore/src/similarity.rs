@@ -87,13 +87,14 @@ impl SimilarityIndex {
         for idx in &mut offsets {
             for off in idx.iter_mut().take(cfg.blocks_per_index) {
                 let b = loop {
-                    let b = (splitmix(&mut state) % (PAGE_SIZE / BLOCK) as u64) as usize;
+                    let b = usize::try_from(splitmix(&mut state) % (PAGE_SIZE / BLOCK) as u64)
+                        .expect("< 64");
                     if !used[b] {
                         break b;
                     }
                 };
                 used[b] = true;
-                *off = (b * BLOCK) as u16;
+                *off = u16::try_from(b * BLOCK).expect("page offsets fit u16");
             }
         }
         SimilarityIndex {
@@ -154,7 +155,8 @@ impl SimilarityIndex {
             let t = self.tables.read();
             for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
                 if let Some(key) = *key {
-                    t.slot(i, key).store(Self::entry(key, loc), Ordering::Relaxed);
+                    t.slot(i, key)
+                        .store(Self::entry(key, loc), Ordering::Relaxed);
                 }
             }
         }
@@ -224,6 +226,7 @@ impl Tables {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test data is built by truncating on purpose
 mod tests {
     use super::*;
 
@@ -238,7 +241,10 @@ mod tests {
 
     #[test]
     fn finds_a_page_with_one_changed_byte_and_forgets_it() {
-        let cfg = SimilarityConfig { indices: 4, ..Default::default() };
+        let cfg = SimilarityConfig {
+            indices: 4,
+            ..Default::default()
+        };
         let idx = SimilarityIndex::new(&cfg);
         let a = page(1);
         idx.insert(&idx.keys(&a), 42);
@@ -259,7 +265,9 @@ mod tests {
         }
         assert!(idx.bytes() >= 2 * 8 * n as usize);
         // The tables are lossy, but after growth nearly every page is still found.
-        let found = (0..n).filter(|&i| idx.lookup(&idx.keys(&page(i))) == Some(i as Loc)).count();
+        let found = (0..n)
+            .filter(|&i| idx.lookup(&idx.keys(&page(i))) == Some(i as Loc))
+            .count();
         assert!(found as u64 > n * 7 / 10, "found {found} of {n}");
     }
 

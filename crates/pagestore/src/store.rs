@@ -67,7 +67,18 @@ impl PageId {
 }
 
 fn loc(shard: usize, slot: usize) -> Loc {
-    ((shard << SLOT_BITS) | slot) as Loc
+    // shard < 2^6 and slot < 2^25 (MAX_SLOTS), so this fits 31 bits.
+    Loc::try_from((shard << SLOT_BITS) | slot).expect("shard and slot in range")
+}
+
+/// A slot index as stored in the 32-bit tables; always < MAX_SLOTS.
+fn slot32(slot: usize) -> u32 {
+    u32::try_from(slot).expect("slot < MAX_SLOTS")
+}
+
+/// Shard (top bits) and 32-bit table hash (low bits) of a page's XXH3 hash.
+fn hash_parts(h: u64) -> (usize, u32) {
+    ((h >> (64 - SHARD_BITS)) as usize, (h & 0xffff_ffff) as u32)
 }
 
 fn split(loc: Loc) -> (usize, usize) {
@@ -197,7 +208,11 @@ impl Entry {
     }
 
     fn patch_ref(&self) -> Loc {
-        u32::from_le_bytes(self.payload[..REF_BYTES].try_into().expect("patch has a ref"))
+        u32::from_le_bytes(
+            self.payload[..REF_BYTES]
+                .try_into()
+                .expect("patch has a ref"),
+        )
     }
 }
 
@@ -239,7 +254,12 @@ impl Shard {
         }
     }
 
-    fn alloc(&mut self, form: Form, hash: u32, payload: Box<[u8]>) -> Result<(usize, u32), StoreError> {
+    fn alloc(
+        &mut self,
+        form: Form,
+        hash: u32,
+        payload: Box<[u8]>,
+    ) -> Result<(usize, u32), StoreError> {
         let slot = if self.free_head != NO_SLOT {
             let s = self.free_head as usize;
             self.free_head = self.entries[s].hash;
@@ -274,7 +294,9 @@ impl Shard {
         };
         let entries = &self.entries;
         self.dedup
-            .insert_unique(table_hash(hash), slot as u32, |&s| table_hash(entries[s as usize].hash));
+            .insert_unique(table_hash(hash), slot32(slot), |&s| {
+                table_hash(entries[s as usize].hash)
+            });
         Ok((slot, generation))
     }
 
@@ -289,8 +311,11 @@ impl Shard {
         let hash = e.hash;
         e.tag = e.generation(); // form Free, generation kept for the next tenant
         e.hash = self.free_head;
-        self.free_head = slot as u32;
-        if let Ok(found) = self.dedup.find_entry(table_hash(hash), |&s| s as usize == slot) {
+        self.free_head = slot32(slot);
+        if let Ok(found) = self
+            .dedup
+            .find_entry(table_hash(hash), |&s| s as usize == slot)
+        {
             found.remove();
         }
         Freed {
@@ -361,7 +386,11 @@ pub struct Stats {
 impl Stats {
     /// Pages the owners hold: what the store stands in for.
     pub fn logical_pages(&self) -> u64 {
-        self.zero_pages + self.shared_pages + self.patched.live + self.compressed.live + self.raw.live
+        self.zero_pages
+            + self.shared_pages
+            + self.patched.live
+            + self.compressed.live
+            + self.raw.live
     }
 
     /// Distinct pages actually stored.
@@ -379,10 +408,11 @@ impl Stats {
         self.payload_bytes() + self.metadata_bytes
     }
 
-    /// What the logical pages would take as plain non-zero pages, less what is held.
-    pub fn saved_bytes(&self) -> i64 {
+    /// What the logical pages would take as plain non-zero pages, less what is held
+    /// (negative when the store's metadata outweighs what it saved).
+    pub fn saved_bytes(&self) -> i128 {
         let plain = (self.logical_pages() - self.zero_pages) * PAGE_SIZE as u64;
-        plain as i64 - self.held_bytes() as i64
+        i128::from(plain) - i128::from(self.held_bytes())
     }
 }
 
@@ -443,8 +473,7 @@ impl PageStore {
             self.zero.fetch_add(1, Ordering::Relaxed);
             return Ok((PageId::ZERO, Outcome::Zero));
         }
-        let h = xxh3_64(page);
-        let (si, h32) = ((h >> (64 - SHARD_BITS)) as usize, h as u32);
+        let (si, h32) = hash_parts(xxh3_64(page));
         if let Some(id) = self.find_duplicate(si, h32, page)? {
             let mut sh = self.shards[si].write();
             let slot = split(id.loc()).1;
@@ -499,14 +528,16 @@ impl PageStore {
         };
         drop(sh);
         let outcome = match form {
-            Form::Patched => Outcome::Patched { bytes: len - REF_BYTES },
+            Form::Patched => Outcome::Patched {
+                bytes: len - REF_BYTES,
+            },
             Form::Compressed => Outcome::Compressed { bytes: len },
             _ => Outcome::Raw,
         };
-        if let (Some(sim), Some(keys)) = (&self.sim, keys) {
-            if form.is_reference() {
-                sim.insert(&keys, loc(si, slot));
-            }
+        if let (Some(sim), Some(keys)) = (&self.sim, keys)
+            && form.is_reference()
+        {
+            sim.insert(&keys, loc(si, slot));
         }
         Ok((PageId::new(si, slot, generation), outcome))
     }
@@ -519,7 +550,11 @@ impl PageStore {
                 std::cell::RefCell::new(Box::new([0; MAX_COMPRESSED]));
         }
         BUF.with_borrow_mut(|buf| {
-            let n = self.cfg.compression.compress(page, buf).filter(|&n| n <= max)?;
+            let n = self
+                .cfg
+                .compression
+                .compress(page, buf)
+                .filter(|&n| n <= max)?;
             Some(Box::from(&buf[..n]))
         })
     }
@@ -552,7 +587,11 @@ impl PageStore {
         }
         let (si, slot) = split(id.loc());
         let sh = self.shards[si].read();
-        let e = sh.entries.get(slot).filter(|e| e.holds(id)).ok_or(StoreError::UnknownPage(id))?;
+        let e = sh
+            .entries
+            .get(slot)
+            .filter(|e| e.holds(id))
+            .ok_or(StoreError::UnknownPage(id))?;
         match e.form() {
             Form::Raw => out.copy_from_slice(&e.payload),
             Form::Compressed => self
@@ -597,7 +636,7 @@ impl PageStore {
         let freed = sh.release_owner(si, slot);
         drop(sh);
         if let Some(f) = freed {
-            self.after_free(f);
+            self.after_free(&f);
         }
         Ok(())
     }
@@ -608,20 +647,24 @@ impl PageStore {
         if is_zero(page) {
             return Ok(Class::Zero);
         }
-        let h = xxh3_64(page);
-        let si = (h >> (64 - SHARD_BITS)) as usize;
-        if let Some(id) = self.find_duplicate(si, h as u32, page)? {
+        let (si, h32) = hash_parts(xxh3_64(page));
+        if let Some(id) = self.find_duplicate(si, h32, page)? {
             return Ok(Class::Duplicate(id));
         }
         let similar = self.sim.as_ref().and_then(|s| s.lookup(&s.keys(page)));
-        Ok(if similar.is_some() { Class::Similar } else { Class::Unique })
+        Ok(if similar.is_some() {
+            Class::Similar
+        } else {
+            Class::Unique
+        })
     }
 
     /// Reads into `out` the reference page that the similarity index proposes for `page`, if
     /// any: what an insert would try to patch against. For benchmarks of delta codecs.
     pub fn similar_reference(&self, page: &Page, out: &mut Page) -> bool {
         let Some(sim) = &self.sim else { return false };
-        sim.lookup(&sim.keys(page)).is_some_and(|r| self.read_reference(r, out).is_ok())
+        sim.lookup(&sim.keys(page))
+            .is_some_and(|r| self.read_reference(r, out).is_ok())
     }
 
     /// Counters of everything held. Cheap: sums per-shard counters under each shard's read lock.
@@ -663,17 +706,28 @@ impl PageStore {
                 k.owners += u64::from(e.owners);
                 k.payload += e.payload.len() as u64;
                 if e.owners == 0 && e.deps == 0 {
-                    return Err(format!("shard {si} slot {slot}: held by nothing but not freed"));
+                    return Err(format!(
+                        "shard {si} slot {slot}: held by nothing but not freed"
+                    ));
                 }
-                if sh.dedup.find(table_hash(e.hash), |&s| s as usize == slot).is_none() {
-                    return Err(format!("shard {si} slot {slot}: missing from the sharing table"));
+                if sh
+                    .dedup
+                    .find(table_hash(e.hash), |&s| s as usize == slot)
+                    .is_none()
+                {
+                    return Err(format!(
+                        "shard {si} slot {slot}: missing from the sharing table"
+                    ));
                 }
                 if form == Form::Patched {
                     *deps.entry(e.patch_ref()).or_default() += 1;
                 }
             }
             if sh.dedup.len() != in_table {
-                return Err(format!("shard {si}: sharing table has {} slots, {in_table} stored", sh.dedup.len()));
+                return Err(format!(
+                    "shard {si}: sharing table has {} slots, {in_table} stored",
+                    sh.dedup.len()
+                ));
             }
             if sh.counts != {
                 let mut own = [Counters::default(); 3];
@@ -693,10 +747,15 @@ impl PageStore {
             for (slot, e) in sh.entries.iter().enumerate() {
                 let want = deps.get(&loc(si, slot)).copied().unwrap_or(0);
                 if e.form() != Form::Free && e.deps != want {
-                    return Err(format!("shard {si} slot {slot}: {} deps recorded, {want} patches use it", e.deps));
+                    return Err(format!(
+                        "shard {si} slot {slot}: {} deps recorded, {want} patches use it",
+                        e.deps
+                    ));
                 }
                 if want > 0 && !e.form().is_reference() {
-                    return Err(format!("shard {si} slot {slot}: patches point at a non-reference"));
+                    return Err(format!(
+                        "shard {si} slot {slot}: patches point at a non-reference"
+                    ));
                 }
             }
         }
@@ -717,7 +776,9 @@ impl PageStore {
         };
         let mut patched = f(&c[Form::Patched.ix()]);
         patched.payload_bytes -= patched.stored * REF_BYTES as u64;
-        let (owners, live, stored): (u64, u64, u64) = c.iter().fold((0, 0, 0), |a, k| (a.0 + k.owners, a.1 + k.live, a.2 + k.stored));
+        let (owners, live, stored): (u64, u64, u64) = c.iter().fold((0, 0, 0), |a, k| {
+            (a.0 + k.owners, a.1 + k.live, a.2 + k.stored)
+        });
         Stats {
             zero_pages: self.zero.load(Ordering::Relaxed),
             shared_pages: owners - live,
@@ -725,12 +786,17 @@ impl PageStore {
             compressed: f(&c[Form::Compressed.ix()]),
             raw: f(&c[Form::Raw.ix()]),
             reference_only_pages: stored - live,
-            metadata_bytes: (meta + patched.stored as usize * REF_BYTES) as u64,
+            metadata_bytes: meta as u64 + patched.stored * REF_BYTES as u64,
         }
     }
 
     /// A duplicate of `page` among the stored pages with hash `h32`, compared byte for byte.
-    fn find_duplicate(&self, si: usize, h32: u32, page: &Page) -> Result<Option<PageId>, StoreError> {
+    fn find_duplicate(
+        &self,
+        si: usize,
+        h32: u32,
+        page: &Page,
+    ) -> Result<Option<PageId>, StoreError> {
         let mut patched: Vec<(PageId, Loc, Vec<u8>)> = Vec::new();
         {
             let sh = self.shards[si].read();
@@ -750,7 +816,10 @@ impl PageStore {
         let mut candidate = [0u8; PAGE_SIZE];
         for (id, r, delta) in patched {
             if self.read_reference(r, &mut reference).is_ok()
-                && self.codec.decode(&delta, &reference, &mut candidate).is_ok()
+                && self
+                    .codec
+                    .decode(&delta, &reference, &mut candidate)
+                    .is_ok()
                 && candidate == *page
             {
                 return Ok(Some(id));
@@ -765,15 +834,20 @@ impl PageStore {
         let sh = self.shards[si].read();
         let e = sh.entries.get(slot).filter(|e| e.form().is_reference());
         let e = e.ok_or(StoreError::UnknownPage(PageId::new(si, slot, 0)))?;
-        decode_whole(e, self.cfg, out).map_err(|err| StoreError::CorruptCompressed(PageId::new(si, slot, e.generation()), err))
+        decode_whole(e, self.cfg, out).map_err(|err| {
+            StoreError::CorruptCompressed(PageId::new(si, slot, e.generation()), err)
+        })
     }
 
     /// Raises the deps count of a reference and reads it; false if it is gone or unusable.
     fn pin(&self, r: Loc, out: &mut Page) -> bool {
         let (si, slot) = split(r);
         let mut sh = self.shards[si].write();
-        let Some(e) = sh.entries.get_mut(slot) else { return false };
-        if !e.form().is_reference() || e.deps == u32::MAX || decode_whole(e, self.cfg, out).is_err() {
+        let Some(e) = sh.entries.get_mut(slot) else {
+            return false;
+        };
+        if !e.form().is_reference() || e.deps == u32::MAX || decode_whole(e, self.cfg, out).is_err()
+        {
             return false;
         }
         e.deps += 1;
@@ -788,15 +862,16 @@ impl PageStore {
         let freed = (e.deps == 0 && e.owners == 0).then(|| sh.free(si, slot));
         drop(sh);
         if let Some(f) = freed {
-            self.after_free(f);
+            self.after_free(&f);
         }
     }
 
     /// Settles what a freed page leaves behind: its reference's deps, or its similarity keys.
-    fn after_free(&self, f: Freed) {
+    fn after_free(&self, f: &Freed) {
         match f.form {
             Form::Patched => {
-                let r = u32::from_le_bytes(f.payload[..REF_BYTES].try_into().expect("patch has a ref"));
+                let r =
+                    u32::from_le_bytes(f.payload[..REF_BYTES].try_into().expect("patch has a ref"));
                 self.unpin(r);
             }
             Form::Raw | Form::Compressed => {
@@ -807,7 +882,11 @@ impl PageStore {
                             page.copy_from_slice(&f.payload);
                             true
                         }
-                        _ => self.cfg.compression.decompress(&f.payload, &mut page).is_ok(),
+                        _ => self
+                            .cfg
+                            .compression
+                            .decompress(&f.payload, &mut page)
+                            .is_ok(),
                     };
                     if ok {
                         sim.remove(&sim.keys(&page), f.loc);
@@ -840,9 +919,14 @@ fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<u
             Form::Raw => e.payload[..] == page[..],
             Form::Compressed => {
                 let mut buf = [0u8; PAGE_SIZE];
-                cfg.compression.decompress(&e.payload, &mut buf).map_err(|err| {
-                    StoreError::CorruptCompressed(PageId::new(0, slot as usize, e.generation()), err)
-                })?;
+                cfg.compression
+                    .decompress(&e.payload, &mut buf)
+                    .map_err(|err| {
+                        StoreError::CorruptCompressed(
+                            PageId::new(0, slot as usize, e.generation()),
+                            err,
+                        )
+                    })?;
                 buf == *page
             }
             _ => false,

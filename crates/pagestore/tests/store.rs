@@ -1,12 +1,16 @@
 //! The store's promises: exact bytes back, every class reached, references kept alive, stats
 //! that add up, bad ids refused, and all of it from several threads at once.
+#![allow(clippy::cast_possible_truncation)] // test pages are built by truncating on purpose
 
 mod common;
 
 use std::sync::Mutex;
 
 use common::{edited, real_pages};
-use pagestore::{Compression, Config, DeltaCodec, Outcome, PAGE_SIZE, Page, PageId, PageStore, PatchConfig, StoreError};
+use pagestore::{
+    Compression, Config, DeltaCodec, Outcome, PAGE_SIZE, Page, PageId, PageStore, PatchConfig,
+    StoreError,
+};
 use proptest::prelude::*;
 
 fn read(store: &PageStore, id: PageId) -> Page {
@@ -18,7 +22,11 @@ fn read(store: &PageStore, id: PageId) -> Page {
 fn assert_empty(store: &PageStore) {
     let s = store.audit().expect("consistent");
     assert_eq!(s, store.stats());
-    assert_eq!((s.logical_pages(), s.stored_pages(), s.payload_bytes()), (0, 0, 0), "{s:?}");
+    assert_eq!(
+        (s.logical_pages(), s.stored_pages(), s.payload_bytes()),
+        (0, 0, 0),
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -36,12 +44,16 @@ fn every_class_is_reached_and_reads_back() {
         *b = x as u8;
     }
     let similar = edited(&noisy, 20, 1);
-    let cases: Vec<(Page, fn(Outcome) -> bool)> = vec![
+    type Expect = fn(Outcome) -> bool;
+    let cases: Vec<(Page, Expect)> = vec![
         (zero, |o| o == Outcome::Zero),
         (pages[3], |o| matches!(o, Outcome::Compressed { .. })),
         (pages[3], |o| o == Outcome::Shared),
         (noisy, |o| o == Outcome::Raw),
-        (similar, |o| matches!(o, Outcome::Patched { bytes } if bytes < 200)),
+        (
+            similar,
+            |o| matches!(o, Outcome::Patched { bytes } if bytes < 200),
+        ),
     ];
     let mut ids = Vec::new();
     for (page, want) in &cases {
@@ -54,7 +66,16 @@ fn every_class_is_reached_and_reads_back() {
     }
     let s = store.audit().unwrap();
     assert_eq!(s, store.stats());
-    assert_eq!((s.zero_pages, s.shared_pages, s.patched.live, s.compressed.live, s.raw.live), (1, 1, 1, 1, 1));
+    assert_eq!(
+        (
+            s.zero_pages,
+            s.shared_pages,
+            s.patched.live,
+            s.compressed.live,
+            s.raw.live
+        ),
+        (1, 1, 1, 1, 1)
+    );
     assert_eq!(s.logical_pages(), 5);
     for (id, _) in ids {
         store.remove(id).unwrap();
@@ -64,7 +85,11 @@ fn every_class_is_reached_and_reads_back() {
 
 #[test]
 fn a_reference_outlives_its_owner_while_a_patch_needs_it() {
-    let store = PageStore::new(Config { max_compressed: 0, ..Config::default() }).unwrap();
+    let store = PageStore::new(Config {
+        max_compressed: 0,
+        ..Config::default()
+    })
+    .unwrap();
     let base = real_pages(10)[7];
     let a = store.insert(&base).unwrap();
     let near = edited(&base, 8, 3);
@@ -73,7 +98,10 @@ fn a_reference_outlives_its_owner_while_a_patch_needs_it() {
     store.remove(a).unwrap();
     let s = store.audit().unwrap();
     assert_eq!((s.reference_only_pages, s.logical_pages()), (1, 1));
-    assert!(matches!(store.read(a, &mut [0; PAGE_SIZE]), Err(StoreError::UnknownPage(_))));
+    assert!(matches!(
+        store.read(a, &mut [0; PAGE_SIZE]),
+        Err(StoreError::UnknownPage(_))
+    ));
     assert_eq!(read(&store, b), near);
     // The same bytes again revive the reference-only page instead of storing a copy.
     let (a2, o) = store.insert_with_outcome(&base).unwrap();
@@ -95,7 +123,10 @@ fn bad_ids_are_refused() {
     let id = store.insert(&p).unwrap();
     store.remove(id).unwrap();
     assert!(matches!(store.remove(id), Err(StoreError::UnknownPage(_))));
-    assert!(matches!(store.remove(PageId::ZERO), Err(StoreError::UnknownPage(_))));
+    assert!(matches!(
+        store.remove(PageId::ZERO),
+        Err(StoreError::UnknownPage(_))
+    ));
     // The slot is reused by the next page; the old id must not read the new tenant.
     let q = real_pages(2)[1];
     let id2 = store.insert(&q).unwrap();
@@ -115,9 +146,15 @@ fn bad_configs_are_refused() {
     let mut c = Config::default();
     c.patch.as_mut().unwrap().similarity.indices = 0;
     assert!(PageStore::new(c).is_err());
-    let c = Config { compression: Compression::Zstd { level: 40 }, ..Config::default() };
+    let c = Config {
+        compression: Compression::Zstd { level: 40 },
+        ..Config::default()
+    };
     assert!(PageStore::new(c).is_err());
-    let c = Config { max_compressed: PAGE_SIZE + 1, ..Config::default() };
+    let c = Config {
+        max_compressed: PAGE_SIZE + 1,
+        ..Config::default()
+    };
     assert!(PageStore::new(c).is_err());
 }
 
@@ -129,14 +166,24 @@ fn metadata_per_stored_page_beats_ksm() {
     // Many distinct pages: the real pages and edits of them (patched, compressed or raw).
     for salt in 0..8u8 {
         for p in &pages {
-            ids.push(store.insert(&edited(p, 1 + usize::from(salt) * 40, salt)).unwrap());
+            ids.push(
+                store
+                    .insert(&edited(p, 1 + usize::from(salt) * 40, salt))
+                    .unwrap(),
+            );
         }
     }
     let s = store.audit().unwrap();
     let per_page = s.metadata_bytes as f64 / s.stored_pages() as f64;
     assert!(s.stored_pages() > 10_000, "{s:?}");
-    eprintln!("{per_page:.1} B of metadata per stored page over {} pages", s.stored_pages());
-    assert!(per_page < 64.0, "{per_page:.1} B of metadata per stored page");
+    eprintln!(
+        "{per_page:.1} B of metadata per stored page over {} pages",
+        s.stored_pages()
+    );
+    assert!(
+        per_page < 64.0,
+        "{per_page:.1} B of metadata per stored page"
+    );
     for id in ids {
         store.remove(id).unwrap();
     }
@@ -162,10 +209,17 @@ fn configs() -> impl Strategy<Value = Config> {
     prop_oneof![
         Just(Config::default()),
         Just(Config::sharing_only()),
-        Just(Config { compression: Compression::Zstd { level: 3 }, ..Config::default() }),
+        Just(Config {
+            compression: Compression::Zstd { level: 3 },
+            ..Config::default()
+        }),
         (0usize..3, 64usize..2048).prop_map(|(c, max_patch)| Config {
             max_compressed: 0,
-            patch: Some(PatchConfig { codec: DeltaCodec::ALL[c], max_patch, ..PatchConfig::default() }),
+            patch: Some(PatchConfig {
+                codec: DeltaCodec::ALL[c],
+                max_patch,
+                ..PatchConfig::default()
+            }),
             ..Config::default()
         }),
     ]

@@ -6,7 +6,8 @@ use pagestore::{PAGE_SIZE, Page, is_zero};
 
 /// Distinct non-zero pages of the running test binary.
 pub fn real_pages(max: usize) -> Vec<Page> {
-    let exe = std::fs::read(std::env::current_exe().expect("own path")).expect("read own executable");
+    let exe =
+        std::fs::read(std::env::current_exe().expect("own path")).expect("read own executable");
     let mut seen = std::collections::HashSet::new();
     exe.chunks_exact(PAGE_SIZE)
         .map(|c| -> Page { c.try_into().expect("a page") })

@@ -1,0 +1,54 @@
+//! `memvisor bench pagestore` runs end to end and prints every figure against its baseline.
+
+use std::process::Command;
+
+#[test]
+fn bench_pagestore_prints_ratios_against_its_baselines() {
+    // The test binary itself is a live process with real pages.
+    let me = format!("pid:{}", std::process::id());
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args([
+            "bench",
+            "pagestore",
+            "--runs",
+            "1",
+            "--max-pages",
+            "3000",
+            &me,
+        ])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "x memcpy",
+        "of lz4_flex",
+        "memvisor / sharing only",
+        "memvisor / LZ4 only",
+        "xor-rle",
+        "copy-insert",
+    ] {
+        assert!(s.contains(want), "missing {want:?} in\n{s}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args([
+            "bench",
+            "pagestore",
+            "--json",
+            "--runs",
+            "1",
+            "--max-pages",
+            "2000",
+            &me,
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pages = v["pages"].as_u64().unwrap();
+    assert!((1..=2000).contains(&pages), "{pages}");
+    assert!(v["memcpy_gbps"]["median"].as_f64().unwrap() > 0.0);
+}
