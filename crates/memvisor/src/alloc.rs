@@ -10,6 +10,13 @@ pub struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes glibc's malloc has handed out, its chunk headers and size rounding included.
+pub fn malloc_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics; it takes no pointers.
+    let mi = unsafe { libc::mallinfo2() };
+    mi.uordblks + mi.hblkhd
+}
+
 /// Heap bytes currently allocated by the process (as requested, without malloc's headers).
 pub fn live_bytes() -> usize {
     LIVE.load(Ordering::Relaxed)

@@ -112,6 +112,7 @@ struct Run {
     payload: u64,
     metadata: u64,
     heap: u64,
+    malloc: u64,
     sharing_only: u64,
     lz4_only: u64,
 }
@@ -138,6 +139,7 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
     let mut ids: Vec<(PageId, usize)> = Vec::with_capacity(pages.len());
     let mut secs = [0f64; 5];
     let heap0 = live_bytes();
+    let malloc0 = crate::alloc::malloc_in_use();
     let store = PageStore::new(cfg)?;
     for (i, p) in pages.iter().enumerate() {
         let t = Instant::now();
@@ -150,6 +152,7 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
         black_box(i);
     }
     r.heap = (live_bytes() - heap0) as u64;
+    r.malloc = crate::alloc::malloc_in_use().saturating_sub(malloc0) as u64;
     for ((g, &n), &s) in r.insert_gbps.iter_mut().zip(&r.insert_pages).zip(&secs) {
         *g = n as f64 * PAGE_SIZE as f64 / s / 1e9;
     }
@@ -336,8 +339,10 @@ pub struct Summary {
     pub held_bytes: u64,
     /// of which metadata
     pub metadata_bytes: u64,
-    /// heap bytes the process gained while filling the store (allocator's count)
+    /// heap bytes the process gained while filling the store (bytes asked of the allocator)
     pub heap_bytes: u64,
+    /// what glibc malloc holds for them, its chunk headers and rounding included
+    pub malloc_bytes: u64,
     /// sharing only (KSM) on the same pages
     pub sharing_only_bytes: u64,
     /// LZ4 only (zram) on the same pages
@@ -396,6 +401,7 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         held_bytes: last.held,
         metadata_bytes: last.metadata,
         heap_bytes: last.heap,
+        malloc_bytes: last.malloc,
         sharing_only_bytes: last.sharing_only,
         lz4_only_bytes: last.lz4_only,
         codecs: codec_figures(&pages, cfg)?,
@@ -480,12 +486,17 @@ pub fn render(s: &Summary) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let _ = writeln!(
         o,
-        "\nfootprint: memvisor {:.1} MiB (metadata {:.2} MiB; heap grew {:.1} MiB), sharing only {:.1} MiB, LZ4 only {:.1} MiB",
+        "\nfootprint: memvisor {:.1} MiB (metadata {:.2} MiB), sharing only {:.1} MiB, LZ4 only {:.1} MiB",
         mib(s.held_bytes),
         mib(s.metadata_bytes),
-        mib(s.heap_bytes),
         mib(s.sharing_only_bytes),
         mib(s.lz4_only_bytes)
+    );
+    let _ = writeln!(
+        o,
+        "  cross-check: the heap grew {:.1} MiB as asked of the allocator, {:.1} MiB as glibc malloc holds it",
+        mib(s.heap_bytes),
+        mib(s.malloc_bytes)
     );
     let _ = writeln!(
         o,
