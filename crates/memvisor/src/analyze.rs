@@ -283,10 +283,15 @@ pub fn render(a: &Analysis) -> String {
     let st = &a.store;
     let _ = writeln!(
         s,
-        "  memvisor holds {} of payload and {} of metadata ({:.1} B per stored page; KSM uses 64)",
+        "  memvisor holds {} of payload, {} of metadata ({:.1} B per stored page; KSM's rmap_item is 64 B per page) and {} of arena slack",
         mib(st.payload_bytes()),
         mib(st.metadata_bytes),
-        st.metadata_bytes as f64 / st.stored_pages().max(1) as f64
+        st.metadata_bytes as f64 / st.stored_pages().max(1) as f64,
+        mib(st.slack_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "  (the baselines count page contents only: KSM's own metadata and zram's table and zsmalloc rounding are left out)"
     );
     let _ = writeln!(
         s,

@@ -9,6 +9,7 @@
 //! Every byte it holds is accounted for in [`Stats`], payload and metadata apart.
 #![warn(missing_docs)]
 
+mod arena;
 mod compress;
 mod config;
 pub mod delta;

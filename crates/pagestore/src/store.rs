@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::arena::{Arena, Handle};
 use crate::compress::{CompressError, MAX_COMPRESSED};
 use crate::config::{Config, ConfigError};
 use crate::delta::{DecodeError, DeltaCodec};
@@ -28,6 +29,12 @@ const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const NO_SLOT: u32 = u32::MAX;
 /// Bytes in front of a patch naming its reference page.
 const REF_BYTES: usize = 4;
+thread_local! {
+    // Reused by every insert on the thread, so that none pays to zero a fresh buffer.
+    static COMPRESSED: std::cell::RefCell<Box<[u8; MAX_COMPRESSED]>> =
+        std::cell::RefCell::new(Box::new([0; MAX_COMPRESSED]));
+}
+
 /// A patch this small is kept without asking whether compression would do better.
 const SURE_PATCH: usize = 256;
 
@@ -179,19 +186,23 @@ impl Form {
     }
 }
 
-/// One stored page: 32 bytes of metadata, measured by a test.
+/// One stored page: 20 bytes of metadata, measured by a test.
 #[derive(Debug, Default)]
 struct Entry {
-    /// Raw page, compressed page, or reference loc (4 bytes LE) + patch.
-    payload: Box<[u8]>,
+    /// Where the payload lives in the shard's arena: raw page, compressed page, or reference
+    /// loc (4 bytes LE) followed by the patch.
+    handle: Handle,
     /// Low 32 bits of the XXH3 hash (the shard took the top bits); the next free slot when free.
     hash: u32,
     /// References handed out by inserts and not yet removed.
     owners: u32,
-    /// Patches that use this page as their reference.
-    deps: u32,
     /// Form (3 bits) and generation (29 bits).
     tag: u32,
+    /// Payload bytes.
+    len: u16,
+    /// Patches that use this page as their reference (a page stops serving as a reference
+    /// once 65,535 patches use it).
+    deps: u16,
 }
 
 impl Entry {
@@ -206,14 +217,11 @@ impl Entry {
     fn holds(&self, id: PageId) -> bool {
         self.form() != Form::Free && self.generation() == id.generation() && self.owners > 0
     }
+}
 
-    fn patch_ref(&self) -> Loc {
-        u32::from_le_bytes(
-            self.payload[..REF_BYTES]
-                .try_into()
-                .expect("patch has a ref"),
-        )
-    }
+/// The reference a patch payload names.
+fn patch_ref(payload: &[u8]) -> Loc {
+    u32::from_le_bytes(payload[..REF_BYTES].try_into().expect("patch has a ref"))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -231,6 +239,7 @@ struct Shard {
     /// Slots by content hash, for sharing.
     dedup: HashTable<u32>,
     counts: [Counters; 3],
+    arena: Arena,
 }
 
 /// hashbrown takes its control byte from the top bits; spread our 32 bits over all 64.
@@ -240,7 +249,8 @@ fn table_hash(h: u32) -> u64 {
 
 struct Freed {
     form: Form,
-    payload: Box<[u8]>,
+    /// A copy of the payload, to settle its reference or similarity keys outside the lock.
+    payload: Vec<u8>,
     loc: Loc,
 }
 
@@ -251,26 +261,28 @@ impl Shard {
             free_head: NO_SLOT,
             dedup: HashTable::new(),
             counts: [Counters::default(); 3],
+            arena: Arena::default(),
         }
     }
 
-    fn alloc(
-        &mut self,
-        form: Form,
-        hash: u32,
-        payload: Box<[u8]>,
-    ) -> Result<(usize, u32), StoreError> {
+    fn payload(&self, e: &Entry) -> &[u8] {
+        self.arena.get(e.handle, usize::from(e.len))
+    }
+
+    fn alloc(&mut self, form: Form, hash: u32, payload: &[u8]) -> Result<(usize, u32), StoreError> {
+        let handle = self.arena.alloc(payload).map_err(|_| StoreError::Full)?;
         let slot = if self.free_head != NO_SLOT {
             let s = self.free_head as usize;
             self.free_head = self.entries[s].hash;
             s
         } else {
             if self.entries.len() >= MAX_SLOTS {
+                self.arena.free(handle, payload.len());
                 return Err(StoreError::Full);
             }
             if self.entries.len() == self.entries.capacity() {
                 // Grow by an eighth, not double: spare capacity is metadata we pay for.
-                self.entries.reserve_exact(self.entries.len() / 8 + 64);
+                self.entries.reserve_exact(self.entries.len() / 8 + 16);
             }
             self.entries.push(Entry::default());
             self.entries.len() - 1
@@ -286,11 +298,12 @@ impl Shard {
         c.owners += 1;
         c.payload += payload.len() as u64;
         *e = Entry {
-            payload,
+            handle,
             hash,
             owners: 1,
-            deps: 0,
             tag: ((form as u32) << GEN_BITS) | generation,
+            len: u16::try_from(payload.len()).expect("payload is at most a page"),
+            deps: 0,
         };
         let entries = &self.entries;
         self.dedup
@@ -302,12 +315,14 @@ impl Shard {
 
     /// Takes the entry out; the caller has already settled owners and deps.
     fn free(&mut self, shard: usize, slot: usize) -> Freed {
-        let e = &mut self.entries[slot];
+        let e = &self.entries[slot];
         let form = e.form();
+        let payload = self.payload(e).to_vec();
+        self.arena.free(e.handle, payload.len());
         let c = &mut self.counts[form.ix()];
         c.stored -= 1;
-        c.payload -= e.payload.len() as u64;
-        let payload = std::mem::take(&mut e.payload);
+        c.payload -= payload.len() as u64;
+        let e = &mut self.entries[slot];
         let hash = e.hash;
         e.tag = e.generation(); // form Free, generation kept for the next tenant
         e.hash = self.free_head;
@@ -348,8 +363,34 @@ impl Shard {
         }
     }
 
+    /// Bookkeeping bytes: entries, the sharing table, the arena's own lists.
     fn bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<Entry>() + self.dedup.allocation_size()
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.dedup.allocation_size()
+            + self.arena.list_bytes()
+    }
+}
+
+/// Sums over shards, for [`Stats`].
+#[derive(Debug, Default)]
+struct Totals {
+    counts: [Counters; 3],
+    /// Entries, tables and arena lists.
+    bookkeeping: usize,
+    /// Arena chunk bytes.
+    arena: usize,
+}
+
+impl Totals {
+    fn add_shard(&mut self, sh: &Shard, counts: &[Counters; 3]) {
+        for (a, b) in self.counts.iter_mut().zip(counts) {
+            a.stored += b.stored;
+            a.live += b.live;
+            a.owners += b.owners;
+            a.payload += b.payload;
+        }
+        self.bookkeeping += sh.bytes();
+        self.arena += sh.arena.capacity();
     }
 }
 
@@ -381,6 +422,9 @@ pub struct Stats {
     pub reference_only_pages: u64,
     /// Every byte of bookkeeping: entries, hash tables, similarity index, patch references.
     pub metadata_bytes: u64,
+    /// Arena bytes holding no payload: rounding to 16 bytes, freed objects not yet reused,
+    /// the unused end of the newest chunk.
+    pub slack_bytes: u64,
 }
 
 impl Stats {
@@ -403,9 +447,9 @@ impl Stats {
         self.patched.payload_bytes + self.compressed.payload_bytes + self.raw.payload_bytes
     }
 
-    /// All bytes held: payload and metadata.
+    /// All bytes held: payload, metadata and arena slack.
     pub fn held_bytes(&self) -> u64 {
-        self.payload_bytes() + self.metadata_bytes
+        self.payload_bytes() + self.metadata_bytes + self.slack_bytes
     }
 
     /// What the logical pages would take as plain non-zero pages, less what is held
@@ -487,76 +531,70 @@ impl PageStore {
 
         let keys = self.sim.as_ref().map(|s| s.keys(page));
         let patch = self.try_patch(page, keys.as_ref());
-        // A small patch is kept without trying the compressor: LZ4 rarely gets a page that
-        // small, and skipping it halves the cost of a patched insert.
-        let compressed = match (&patch, self.cfg.max_compressed) {
-            (_, 0) => None,
-            (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
-            (_, max) => self.compress(page, max),
-        };
-        let (form, payload, reference) = match (patch, compressed) {
-            (Some((r, p)), Some(c)) if c.len() <= p.len() - REF_BYTES => {
+        COMPRESSED.with_borrow_mut(|cbuf| {
+            // A small patch is kept without trying the compressor: LZ4 rarely gets a page that
+            // small, and skipping it halves the cost of a patched insert.
+            let clen = match (&patch, self.cfg.max_compressed) {
+                (_, 0) => None,
+                (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
+                (_, max) => self
+                    .cfg
+                    .compression
+                    .compress(page, cbuf)
+                    .filter(|&n| n <= max),
+            };
+            let (form, payload, reference): (Form, &[u8], _) = match (&patch, clen) {
+                (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {
+                    self.unpin(*r);
+                    (Form::Compressed, &cbuf[..n], None)
+                }
+                (Some((r, p)), _) => (Form::Patched, p, Some(*r)),
+                (None, Some(n)) => (Form::Compressed, &cbuf[..n], None),
+                (None, None) => (Form::Raw, page, None),
+            };
+            let done = self.commit(si, h32, page, form, payload);
+            if let (Some(r), Ok((_, Outcome::Shared)) | Err(_)) = (reference, &done) {
                 self.unpin(r);
-                (Form::Compressed, c, None)
             }
-            (Some((r, p)), _) => (Form::Patched, p.into_boxed_slice(), Some(r)),
-            (None, Some(c)) => (Form::Compressed, c, None),
-            (None, None) => (Form::Raw, Box::from(&page[..]), None),
-        };
+            if let (Some(sim), Some(keys), Ok((id, o))) = (&self.sim, &keys, &done)
+                && form.is_reference()
+                && *o != Outcome::Shared
+            {
+                sim.insert(keys, id.loc());
+            }
+            done
+        })
+    }
 
+    /// Stores the chosen form, unless an identical page was stored meanwhile.
+    fn commit(
+        &self,
+        si: usize,
+        h32: u32,
+        page: &Page,
+        form: Form,
+        payload: &[u8],
+    ) -> Result<(PageId, Outcome), StoreError> {
         let mut sh = self.shards[si].write();
         // An identical page may have been stored while this one was being encoded.
         if let Some(slot) = find_whole(&sh, h32, page, self.cfg)? {
             sh.add_owner(slot);
-            let id = PageId::new(si, slot, sh.entries[slot].generation());
-            drop(sh);
-            if let Some(r) = reference {
-                self.unpin(r);
-            }
-            return Ok((id, Outcome::Shared));
+            return Ok((
+                PageId::new(si, slot, sh.entries[slot].generation()),
+                Outcome::Shared,
+            ));
         }
-        let len = payload.len();
-        let (slot, generation) = match sh.alloc(form, h32, payload) {
-            Ok(s) => s,
-            Err(e) => {
-                drop(sh);
-                if let Some(r) = reference {
-                    self.unpin(r);
-                }
-                return Err(e);
-            }
-        };
-        drop(sh);
+        let (slot, generation) = sh.alloc(form, h32, payload)?;
         let outcome = match form {
             Form::Patched => Outcome::Patched {
-                bytes: len - REF_BYTES,
+                bytes: payload.len() - REF_BYTES,
             },
-            Form::Compressed => Outcome::Compressed { bytes: len },
+            Form::Compressed => Outcome::Compressed {
+                bytes: payload.len(),
+            },
             _ => Outcome::Raw,
         };
-        if let (Some(sim), Some(keys)) = (&self.sim, keys)
-            && form.is_reference()
-        {
-            sim.insert(&keys, loc(si, slot));
-        }
         Ok((PageId::new(si, slot, generation), outcome))
-    }
-
-    /// The compressed form of `page` if it is at most `max` bytes.
-    fn compress(&self, page: &Page, max: usize) -> Option<Box<[u8]>> {
-        thread_local! {
-            // Reused, so that no insert pays to zero a fresh buffer.
-            static BUF: std::cell::RefCell<Box<[u8; MAX_COMPRESSED]>> =
-                std::cell::RefCell::new(Box::new([0; MAX_COMPRESSED]));
-        }
-        BUF.with_borrow_mut(|buf| {
-            let n = self
-                .cfg
-                .compression
-                .compress(page, buf)
-                .filter(|&n| n <= max)?;
-            Some(Box::from(&buf[..n]))
-        })
     }
 
     /// Finds a reference through the similarity index and encodes `page` against it. On
@@ -593,16 +631,17 @@ impl PageStore {
             .filter(|e| e.holds(id))
             .ok_or(StoreError::UnknownPage(id))?;
         match e.form() {
-            Form::Raw => out.copy_from_slice(&e.payload),
+            Form::Raw => out.copy_from_slice(sh.payload(e)),
             Form::Compressed => self
                 .cfg
                 .compression
-                .decompress(&e.payload, out)
+                .decompress(sh.payload(e), out)
                 .map_err(|err| StoreError::CorruptCompressed(id, err))?,
             _ => {
                 // Copy the patch out and let go of this shard before touching the reference's.
-                let r = e.patch_ref();
-                let delta = e.payload[REF_BYTES..].to_vec();
+                let payload = sh.payload(e);
+                let r = patch_ref(payload);
+                let delta = payload[REF_BYTES..].to_vec();
                 drop(sh);
                 let decoded = if self.codec.patches_in_place() {
                     self.read_reference(r, out)?;
@@ -669,84 +708,68 @@ impl PageStore {
 
     /// Counters of everything held. Cheap: sums per-shard counters under each shard's read lock.
     pub fn stats(&self) -> Stats {
-        let mut c = [Counters::default(); 3];
-        let mut meta = self.fixed_bytes();
+        let mut t = Totals::default();
         for s in self.shards.iter() {
-            let s = s.read();
-            for (a, b) in c.iter_mut().zip(&s.counts) {
-                a.stored += b.stored;
-                a.live += b.live;
-                a.owners += b.owners;
-                a.payload += b.payload;
-            }
-            meta += s.bytes();
+            let g = s.read();
+            t.add_shard(&g, &g.counts);
         }
-        self.stats_from(&c, meta)
+        self.stats_from(&t)
     }
 
     /// Walks every entry, checks the store's invariants, and returns stats recounted from
     /// scratch. For tests and `fsck`-like checks: it holds every shard's read lock at once.
     pub fn audit(&self) -> Result<Stats, String> {
         let guards: Vec<_> = self.shards.iter().map(|s| s.read()).collect();
-        let mut c = [Counters::default(); 3];
-        let mut meta = self.fixed_bytes();
+        let mut t = Totals::default();
         let mut deps = std::collections::HashMap::<Loc, u32>::new();
         for (si, sh) in guards.iter().enumerate() {
-            meta += sh.bytes();
-            let mut in_table = 0;
+            let mut own = [Counters::default(); 3];
+            let mut rounded = 0;
             for (slot, e) in sh.entries.iter().enumerate() {
                 let form = e.form();
                 if form == Form::Free {
                     continue;
                 }
-                in_table += 1;
-                let k = &mut c[form.ix()];
+                let k = &mut own[form.ix()];
                 k.stored += 1;
                 k.live += u64::from(e.owners > 0);
                 k.owners += u64::from(e.owners);
-                k.payload += e.payload.len() as u64;
+                k.payload += u64::from(e.len);
+                rounded += usize::from(e.len).div_ceil(16) * 16;
+                let at = format!("shard {si} slot {slot}");
                 if e.owners == 0 && e.deps == 0 {
-                    return Err(format!(
-                        "shard {si} slot {slot}: held by nothing but not freed"
-                    ));
+                    return Err(format!("{at}: held by nothing but not freed"));
                 }
                 if sh
                     .dedup
                     .find(table_hash(e.hash), |&s| s as usize == slot)
                     .is_none()
                 {
-                    return Err(format!(
-                        "shard {si} slot {slot}: missing from the sharing table"
-                    ));
+                    return Err(format!("{at}: missing from the sharing table"));
                 }
                 if form == Form::Patched {
-                    *deps.entry(e.patch_ref()).or_default() += 1;
+                    *deps.entry(patch_ref(sh.payload(e))).or_default() += 1;
                 }
             }
-            if sh.dedup.len() != in_table {
+            let stored: u64 = own.iter().map(|k| k.stored).sum();
+            if sh.dedup.len() as u64 != stored {
                 return Err(format!(
-                    "shard {si}: sharing table has {} slots, {in_table} stored",
+                    "shard {si}: sharing table has {} slots, {stored} stored",
                     sh.dedup.len()
                 ));
             }
-            if sh.counts != {
-                let mut own = [Counters::default(); 3];
-                for e in sh.entries.iter().filter(|e| e.form() != Form::Free) {
-                    let k = &mut own[e.form().ix()];
-                    k.stored += 1;
-                    k.live += u64::from(e.owners > 0);
-                    k.owners += u64::from(e.owners);
-                    k.payload += e.payload.len() as u64;
-                }
-                own
-            } {
+            if sh.counts != own {
                 return Err(format!("shard {si}: counters disagree with its entries"));
             }
+            if rounded + sh.arena.unused_bytes() != sh.arena.capacity() {
+                return Err(format!("shard {si}: arena bytes do not add up"));
+            }
+            t.add_shard(sh, &own);
         }
         for (si, sh) in guards.iter().enumerate() {
             for (slot, e) in sh.entries.iter().enumerate() {
                 let want = deps.get(&loc(si, slot)).copied().unwrap_or(0);
-                if e.form() != Form::Free && e.deps != want {
+                if e.form() != Form::Free && u32::from(e.deps) != want {
                     return Err(format!(
                         "shard {si} slot {slot}: {} deps recorded, {want} patches use it",
                         e.deps
@@ -759,7 +782,7 @@ impl PageStore {
                 }
             }
         }
-        Ok(self.stats_from(&c, meta))
+        Ok(self.stats_from(&t))
     }
 
     fn fixed_bytes(&self) -> usize {
@@ -768,17 +791,18 @@ impl PageStore {
             + self.sim.as_ref().map_or(0, SimilarityIndex::bytes)
     }
 
-    fn stats_from(&self, c: &[Counters; 3], meta: usize) -> Stats {
+    fn stats_from(&self, t: &Totals) -> Stats {
         let f = |k: &Counters| FormStats {
             stored: k.stored,
             live: k.live,
             payload_bytes: k.payload,
         };
+        let c = &t.counts;
         let mut patched = f(&c[Form::Patched.ix()]);
-        patched.payload_bytes -= patched.stored * REF_BYTES as u64;
-        let (owners, live, stored): (u64, u64, u64) = c.iter().fold((0, 0, 0), |a, k| {
-            (a.0 + k.owners, a.1 + k.live, a.2 + k.stored)
-        });
+        let refs = patched.stored * REF_BYTES as u64;
+        patched.payload_bytes -= refs;
+        let sum = |g: fn(&Counters) -> u64| c.iter().map(g).sum::<u64>();
+        let (owners, live, stored) = (sum(|k| k.owners), sum(|k| k.live), sum(|k| k.stored));
         Stats {
             zero_pages: self.zero.load(Ordering::Relaxed),
             shared_pages: owners - live,
@@ -786,7 +810,8 @@ impl PageStore {
             compressed: f(&c[Form::Compressed.ix()]),
             raw: f(&c[Form::Raw.ix()]),
             reference_only_pages: stored - live,
-            metadata_bytes: meta as u64 + patched.stored * REF_BYTES as u64,
+            metadata_bytes: (self.fixed_bytes() + t.bookkeeping) as u64 + refs,
+            slack_bytes: t.arena as u64 - sum(|k| k.payload),
         }
     }
 
@@ -807,7 +832,8 @@ impl PageStore {
                 let e = &sh.entries[slot as usize];
                 if e.hash == h32 && e.form() == Form::Patched {
                     let id = PageId::new(si, slot as usize, e.generation());
-                    patched.push((id, e.patch_ref(), e.payload[REF_BYTES..].to_vec()));
+                    let payload = sh.payload(e);
+                    patched.push((id, patch_ref(payload), payload[REF_BYTES..].to_vec()));
                 }
             }
         }
@@ -834,7 +860,7 @@ impl PageStore {
         let sh = self.shards[si].read();
         let e = sh.entries.get(slot).filter(|e| e.form().is_reference());
         let e = e.ok_or(StoreError::UnknownPage(PageId::new(si, slot, 0)))?;
-        decode_whole(e, self.cfg, out).map_err(|err| {
+        decode_whole(&sh, e, self.cfg, out).map_err(|err| {
             StoreError::CorruptCompressed(PageId::new(si, slot, e.generation()), err)
         })
     }
@@ -843,14 +869,16 @@ impl PageStore {
     fn pin(&self, r: Loc, out: &mut Page) -> bool {
         let (si, slot) = split(r);
         let mut sh = self.shards[si].write();
-        let Some(e) = sh.entries.get_mut(slot) else {
+        let Some(e) = sh.entries.get(slot) else {
             return false;
         };
-        if !e.form().is_reference() || e.deps == u32::MAX || decode_whole(e, self.cfg, out).is_err()
+        if !e.form().is_reference()
+            || e.deps == u16::MAX
+            || decode_whole(&sh, e, self.cfg, out).is_err()
         {
             return false;
         }
-        e.deps += 1;
+        sh.entries[slot].deps += 1;
         true
     }
 
@@ -870,9 +898,7 @@ impl PageStore {
     fn after_free(&self, f: &Freed) {
         match f.form {
             Form::Patched => {
-                let r =
-                    u32::from_le_bytes(f.payload[..REF_BYTES].try_into().expect("patch has a ref"));
-                self.unpin(r);
+                self.unpin(patch_ref(&f.payload));
             }
             Form::Raw | Form::Compressed => {
                 if let Some(sim) = &self.sim {
@@ -898,13 +924,13 @@ impl PageStore {
     }
 }
 
-fn decode_whole(e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
+fn decode_whole(sh: &Shard, e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
     match e.form() {
         Form::Raw => {
-            out.copy_from_slice(&e.payload);
+            out.copy_from_slice(sh.payload(e));
             Ok(())
         }
-        _ => cfg.compression.decompress(&e.payload, out),
+        _ => cfg.compression.decompress(sh.payload(e), out),
     }
 }
 
@@ -916,11 +942,11 @@ fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<u
             continue;
         }
         let equal = match e.form() {
-            Form::Raw => e.payload[..] == page[..],
+            Form::Raw => sh.payload(e) == &page[..],
             Form::Compressed => {
                 let mut buf = [0u8; PAGE_SIZE];
                 cfg.compression
-                    .decompress(&e.payload, &mut buf)
+                    .decompress(sh.payload(e), &mut buf)
                     .map_err(|err| {
                         StoreError::CorruptCompressed(
                             PageId::new(0, slot as usize, e.generation()),
@@ -943,8 +969,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_is_32_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    fn an_entry_is_20_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 20);
     }
 
     #[test]
