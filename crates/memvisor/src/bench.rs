@@ -347,6 +347,10 @@ pub struct Summary {
     pub sharing_only_bytes: u64,
     /// LZ4 only (zram) on the same pages
     pub lz4_only_bytes: u64,
+    /// the same pages in a real zram device (lz4), as the kernel counts them
+    pub zram: Option<crate::zram::ZramStats>,
+    /// why zram was not measured
+    pub zram_skipped: Option<String>,
     /// the delta codecs compared
     pub codecs: Vec<CodecFigures>,
 }
@@ -377,6 +381,10 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         .collect::<Result<_>>()?;
     let f = |g: &dyn Fn(&Run) -> f64| spread(rs.iter().map(g).collect());
     let last = rs.last().expect("at least one run");
+    let (zram, zram_skipped) = match crate::zram::measure(&pages, "lz4") {
+        Ok(z) => (Some(z), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let classes = (0..5)
         .map(|c| ClassFigures {
             class: CLASSES[c],
@@ -404,6 +412,8 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         malloc_bytes: last.malloc,
         sharing_only_bytes: last.sharing_only,
         lz4_only_bytes: last.lz4_only,
+        zram,
+        zram_skipped,
         codecs: codec_figures(&pages, cfg)?,
     })
 }
@@ -504,6 +514,22 @@ pub fn render(s: &Summary) -> String {
         s.held_bytes as f64 / s.sharing_only_bytes.max(1) as f64,
         s.held_bytes as f64 / s.lz4_only_bytes.max(1) as f64
     );
+    match (&s.zram, &s.zram_skipped) {
+        (Some(z), _) => {
+            let _ = writeln!(
+                o,
+                "  zram (lz4), measured by the kernel: {:.1} MiB in use ({:.1} MiB compressed data, {:.1} MiB zsmalloc overhead); memvisor / zram = {:.3}",
+                mib(z.mem_used_bytes),
+                mib(z.compr_data_bytes),
+                mib(z.mem_used_bytes.saturating_sub(z.compr_data_bytes)),
+                s.held_bytes as f64 / z.mem_used_bytes.max(1) as f64
+            );
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(o, "  zram not measured: {why}");
+        }
+        _ => {}
+    }
     let _ = writeln!(
         o,
         "\ndelta codecs on the {} (page, reference) pairs the similarity index proposed:",

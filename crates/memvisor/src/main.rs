@@ -7,6 +7,7 @@ mod analyze;
 mod bench;
 mod demo;
 mod input;
+mod zram;
 
 use std::io::IsTerminal;
 

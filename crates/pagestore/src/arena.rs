@@ -4,7 +4,7 @@
 //! of glibc chunk header and rounding per object (measured by `memvisor bench pagestore`), and
 //! that overhead is invisible to the store's accounting. The arena packs objects, rounded up to
 //! 16 bytes, into chunks of 16 KiB (4 and 8 KiB first, for small stores; small because each of
-//! the store's 64 shards has a partly filled one); a 4-byte handle names an object. Freed space
+//! the store's 16 shards has a partly filled one); a 4-byte handle names an object. Freed space
 //! goes to free lists by size and is reused best-fit, the remainder split off. Every byte of
 //! every chunk is accounted for: as payload, as rounding, or as free space.
 
