@@ -104,7 +104,7 @@ pub fn measure(pages: &[Page], algorithm: &str) -> Result<ZramStats, ZramError> 
         match OpenOptions::new().write(true).open(&node) {
             Ok(f) => break f,
             Err(_) if start.elapsed() < Duration::from_secs(2) => {
-                std::thread::sleep(Duration::from_millis(10))
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(io(format!("opening {node}"))(e)),
         }
