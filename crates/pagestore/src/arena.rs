@@ -3,22 +3,23 @@
 //! A malloc'd box per stored page costs a 16-byte fat pointer in the entry and some 17 bytes
 //! of glibc chunk header and rounding per object (measured by `memvisor bench pagestore`), and
 //! that overhead is invisible to the store's accounting. The arena packs objects, rounded up to
-//! 16 bytes, into chunks of 16 KiB (4 and 8 KiB first, for small stores; small because each of
-//! the store's 16 shards has a partly filled one); a 4-byte handle names an object. Freed space
-//! goes to free lists by size and is reused best-fit, the remainder split off. Every byte of
-//! every chunk is accounted for: as payload, as rounding, or as free space.
+//! 8 bytes, into chunks that double from 4 KiB to 64 KiB as the shard grows (a small store
+//! keeps small partly filled chunks; a large one loses less to the ends of chunks, where an
+//! object did not fit); a 4-byte handle names an object. Freed space goes to free lists by size
+//! and is reused best-fit, the remainder split off. Every byte of every chunk is accounted for:
+//! as payload, as rounding, or as free space.
 
 use std::collections::BTreeMap;
 
 /// Objects are rounded up to this.
-const GRAIN: usize = 16;
+const GRAIN: usize = 8;
 const FIRST_CHUNK: usize = 4 << 10;
-const MAX_CHUNK: usize = 16 << 10;
-/// Offsets inside a chunk are stored in grains, in the handle's low 10 bits.
-const OFFSET_BITS: u32 = 10;
+const MAX_CHUNK: usize = 64 << 10;
+/// Offsets inside a chunk are stored in grains, in the handle's low 13 bits.
+const OFFSET_BITS: u32 = 13;
 
-/// Names an object in an [`Arena`]: chunk (high 22 bits, so 64 GiB per arena) and offset in
-/// grains (low 10).
+/// Names an object in an [`Arena`]: chunk (high 19 bits, so 32 GiB per arena) and offset in
+/// grains (low 13).
 pub(crate) type Handle = u32;
 
 #[derive(Debug, Default)]
@@ -34,7 +35,7 @@ pub(crate) struct Arena {
     free_bytes: usize,
 }
 
-/// The arena ran out of handle space (2^22 chunks).
+/// The arena ran out of handle space (2^19 chunks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ArenaFull;
 
@@ -44,7 +45,7 @@ fn grains(len: usize) -> u16 {
 
 fn handle(chunk: usize, offset: usize) -> Handle {
     let chunk = u32::try_from(chunk).expect("chunk count checked");
-    let grain = u32::try_from(offset / GRAIN).expect("chunk offset < 16 KiB");
+    let grain = u32::try_from(offset / GRAIN).expect("chunk offset < 64 KiB");
     (chunk << OFFSET_BITS) | grain
 }
 

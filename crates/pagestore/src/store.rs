@@ -738,7 +738,7 @@ impl PageStore {
                 k.live += u64::from(e.owners > 0);
                 k.owners += u64::from(e.owners);
                 k.payload += u64::from(e.len);
-                rounded += usize::from(e.len).div_ceil(16) * 16;
+                rounded += usize::from(e.len).div_ceil(8) * 8;
                 let at = format!("shard {si} slot {slot}");
                 if e.owners == 0 && e.deps == 0 {
                     return Err(format!("{at}: held by nothing but not freed"));
