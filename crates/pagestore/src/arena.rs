@@ -2,40 +2,37 @@
 //!
 //! A malloc'd box per stored page costs a 16-byte fat pointer in the entry and some 17 bytes
 //! of glibc chunk header and rounding per object (measured by `memvisor bench pagestore`), and
-//! that overhead is invisible to the store's accounting. The arena packs objects, rounded up to
-//! 8 bytes, into chunks that double from 4 KiB to 64 KiB as the shard grows (a small store
-//! keeps small partly filled chunks; a large one loses less to the ends of chunks, where an
-//! object did not fit); a 4-byte handle names an object. Freed space goes to free lists by size
-//! and is reused best-fit, the remainder split off. Every byte of every chunk is accounted for:
-//! as payload, as rounding, or as free space.
+//! that overhead is invisible to the store's accounting. The arena is one address space of
+//! bytes, backed by 16 KiB chunks; objects are rounded up to 8 bytes and placed end to end, an
+//! object at a chunk's end continuing in the next (reading it copies the two parts into the
+//! caller's buffer), so no chunk ends in a gap where the next object did not fit. Freed space
+//! goes to free lists by size and is reused best-fit, the remainder split off. A 4-byte handle
+//! names an object. Every byte of every chunk is accounted for: as payload, as rounding, or
+//! as free space (freed objects and the unfilled end of the newest chunk).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Objects are rounded up to this.
 const GRAIN: usize = 8;
-const FIRST_CHUNK: usize = 4 << 10;
-const MAX_CHUNK: usize = 64 << 10;
-/// Offsets inside a chunk are stored in grains, in the handle's low 13 bits.
-const OFFSET_BITS: u32 = 13;
+/// Bytes per chunk: small, because each shard has one partly filled.
+const CHUNK: usize = 16 << 10;
 
-/// Names an object in an [`Arena`]: chunk (high 19 bits, so 32 GiB per arena) and offset in
-/// grains (low 13).
+/// Names an object in an [`Arena`]: its offset in grains (so 32 GiB per arena).
 pub(crate) type Handle = u32;
 
 #[derive(Debug, Default)]
 pub(crate) struct Arena {
     chunks: Vec<Box<[u8]>>,
-    /// Bytes used at the front of the last chunk.
+    /// Bytes used from the start of the arena by bump allocation.
     top: usize,
     /// Freed objects by size in grains.
     free: BTreeMap<u16, Vec<Handle>>,
-    /// Bytes of all chunks.
-    capacity: usize,
     /// Bytes in `free`.
     free_bytes: usize,
 }
 
-/// The arena ran out of handle space (2^19 chunks).
+/// The arena ran out of handle space (32 GiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ArenaFull;
 
@@ -43,30 +40,25 @@ fn grains(len: usize) -> u16 {
     u16::try_from(len.div_ceil(GRAIN)).expect("objects are at most a page")
 }
 
-fn handle(chunk: usize, offset: usize) -> Handle {
-    let chunk = u32::try_from(chunk).expect("chunk count checked");
-    let grain = u32::try_from(offset / GRAIN).expect("chunk offset < 64 KiB");
-    (chunk << OFFSET_BITS) | grain
-}
-
-fn split(h: Handle) -> (usize, usize) {
-    (
-        (h >> OFFSET_BITS) as usize,
-        (h & ((1 << OFFSET_BITS) - 1)) as usize * GRAIN,
-    )
+fn offset(h: Handle) -> usize {
+    h as usize * GRAIN
 }
 
 impl Arena {
     /// Copies `bytes` (1 to 4096 of them) into the arena.
     pub(crate) fn alloc(&mut self, bytes: &[u8]) -> Result<Handle, ArenaFull> {
         let g = grains(bytes.len());
-        let size = usize::from(g) * GRAIN;
         let h = match self.take_free(g) {
             Some(h) => h,
-            None => self.bump(size)?,
+            None => self.bump(usize::from(g) * GRAIN)?,
         };
-        let (c, o) = split(h);
-        self.chunks[c][o..o + bytes.len()].copy_from_slice(bytes);
+        let at = offset(h);
+        let (c, o) = (at / CHUNK, at % CHUNK);
+        let first = bytes.len().min(CHUNK - o);
+        self.chunks[c][o..o + first].copy_from_slice(&bytes[..first]);
+        if first < bytes.len() {
+            self.chunks[c + 1][..bytes.len() - first].copy_from_slice(&bytes[first..]);
+        }
         Ok(h)
     }
 
@@ -90,33 +82,27 @@ impl Arena {
     }
 
     fn bump(&mut self, size: usize) -> Result<Handle, ArenaFull> {
-        let room = self.chunks.last().map_or(0, |c| c.len() - self.top);
-        if room < size {
-            if self.chunks.len() >= 1 << (32 - OFFSET_BITS) {
-                return Err(ArenaFull);
-            }
-            // The unused tail of the old chunk stays usable as a free object.
-            if room >= GRAIN {
-                let tail = handle(self.chunks.len() - 1, self.top);
-                self.put_free(tail, u16::try_from(room / GRAIN).expect("tail < chunk"));
-            }
-            let len = self
-                .chunks
-                .last()
-                .map_or(FIRST_CHUNK, |c| (c.len() * 2).min(MAX_CHUNK));
-            self.chunks.push(vec![0u8; len].into_boxed_slice());
-            self.capacity += len;
-            self.top = 0;
-        }
-        let h = handle(self.chunks.len() - 1, self.top);
+        let h = Handle::try_from(self.top / GRAIN).map_err(|_| ArenaFull)?;
         self.top += size;
+        while self.top > self.capacity() {
+            self.chunks.push(vec![0u8; CHUNK].into_boxed_slice());
+        }
         Ok(h)
     }
 
-    /// The first `len` bytes of object `h`.
-    pub(crate) fn get(&self, h: Handle, len: usize) -> &[u8] {
-        let (c, o) = split(h);
-        &self.chunks[c][o..o + len]
+    /// The `len` bytes of object `h`: borrowed from its chunk, or, for an object that continues
+    /// into the next chunk (about one object per chunk), copied out.
+    pub(crate) fn get(&self, h: Handle, len: usize) -> Cow<'_, [u8]> {
+        let at = offset(h);
+        let (c, o) = (at / CHUNK, at % CHUNK);
+        if o + len <= CHUNK {
+            return Cow::Borrowed(&self.chunks[c][o..o + len]);
+        }
+        let first = CHUNK - o;
+        let mut v = Vec::with_capacity(len);
+        v.extend_from_slice(&self.chunks[c][o..]);
+        v.extend_from_slice(&self.chunks[c + 1][..len - first]);
+        Cow::Owned(v)
     }
 
     /// Gives object `h` of `len` bytes back for reuse.
@@ -126,7 +112,7 @@ impl Arena {
 
     /// Bytes of all chunks: payload, rounding and free space.
     pub(crate) fn capacity(&self) -> usize {
-        self.capacity
+        self.chunks.len() * CHUNK
     }
 
     /// Bytes of the arena's own bookkeeping: the chunk list and the free lists (a B-tree
@@ -140,10 +126,15 @@ impl Arena {
                 .sum::<usize>()
     }
 
-    /// Bytes of chunks not holding an object: free objects and the last chunk's tail.
+    /// Bytes of chunks not holding an object: free objects and the newest chunk's unused end.
     pub(crate) fn unused_bytes(&self) -> usize {
-        self.free_bytes + self.chunks.last().map_or(0, |c| c.len() - self.top)
+        self.free_bytes + (self.capacity() - self.top)
     }
+}
+
+/// Rounded size of an object of `len` bytes, for audits.
+pub(crate) fn rounded(len: usize) -> usize {
+    len.div_ceil(GRAIN) * GRAIN
 }
 
 #[cfg(test)]
@@ -152,7 +143,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn objects_keep_their_bytes_and_space_is_reused() {
+    fn objects_keep_their_bytes_across_chunks_and_space_is_reused() {
         let mut a = Arena::default();
         let mut held = Vec::new();
         for i in 0..3000usize {
@@ -160,10 +151,18 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|j| ((i + j) % 251) as u8).collect();
             held.push((a.alloc(&bytes).unwrap(), bytes));
         }
+        let spanning = held
+            .iter()
+            .filter(|(h, b)| offset(*h) % CHUNK + b.len() > CHUNK)
+            .count();
+        assert!(
+            spanning > 100,
+            "objects continue across chunk ends: {spanning}"
+        );
         for (h, b) in &held {
-            assert_eq!(a.get(*h, b.len()), &b[..]);
+            assert_eq!(&a.get(*h, b.len())[..], &b[..]);
         }
-        let cap = a.capacity;
+        let cap = a.capacity();
         // Free every other object, then allocate the same sizes again: no new chunks.
         let mut again = Vec::new();
         for (h, b) in held.iter().step_by(2) {
@@ -171,17 +170,19 @@ mod tests {
             again.push(b.clone());
         }
         for b in &again {
-            a.alloc(b).unwrap();
+            let h = a.alloc(b).unwrap();
+            assert_eq!(&a.get(h, b.len())[..], &b[..]);
         }
-        assert_eq!(a.capacity, cap);
+        assert_eq!(a.capacity(), cap);
         for (h, b) in held.iter().skip(1).step_by(2) {
-            assert_eq!(a.get(*h, b.len()), &b[..], "a live object was overwritten");
+            assert_eq!(
+                &a.get(*h, b.len())[..],
+                &b[..],
+                "a live object was overwritten"
+            );
         }
         // Used + unused adds up to the chunks.
-        let used: usize = held
-            .iter()
-            .map(|(_, b)| b.len().div_ceil(GRAIN) * GRAIN)
-            .sum();
-        assert_eq!(used + a.unused_bytes(), a.capacity);
+        let used: usize = held.iter().map(|(_, b)| rounded(b.len())).sum();
+        assert_eq!(used + a.unused_bytes(), a.capacity());
     }
 }

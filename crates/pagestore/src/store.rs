@@ -5,6 +5,7 @@
 //! a patched page, one after the other) and never a global one. No thread ever holds two shard
 //! locks at once, which rules out lock-order deadlocks whatever the mix of calls.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
@@ -12,7 +13,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::arena::{Arena, Handle};
+use crate::arena::{self, Arena, Handle};
 use crate::compress::{CompressError, MAX_COMPRESSED};
 use crate::config::{Config, ConfigError};
 use crate::delta::{DecodeError, DeltaCodec};
@@ -268,7 +269,7 @@ impl Shard {
         }
     }
 
-    fn payload(&self, e: &Entry) -> &[u8] {
+    fn payload(&self, e: &Entry) -> Cow<'_, [u8]> {
         self.arena.get(e.handle, usize::from(e.len))
     }
 
@@ -634,16 +635,16 @@ impl PageStore {
             .filter(|e| e.holds(id))
             .ok_or(StoreError::UnknownPage(id))?;
         match e.form() {
-            Form::Raw => out.copy_from_slice(sh.payload(e)),
+            Form::Raw => out.copy_from_slice(&sh.payload(e)),
             Form::Compressed => self
                 .cfg
                 .compression
-                .decompress(sh.payload(e), out)
+                .decompress(&sh.payload(e), out)
                 .map_err(|err| StoreError::CorruptCompressed(id, err))?,
             _ => {
                 // Copy the patch out and let go of this shard before touching the reference's.
                 let payload = sh.payload(e);
-                let r = patch_ref(payload);
+                let r = patch_ref(&payload);
                 let delta = payload[REF_BYTES..].to_vec();
                 drop(sh);
                 let decoded = if self.codec.patches_in_place() {
@@ -738,7 +739,7 @@ impl PageStore {
                 k.live += u64::from(e.owners > 0);
                 k.owners += u64::from(e.owners);
                 k.payload += u64::from(e.len);
-                rounded += usize::from(e.len).div_ceil(8) * 8;
+                rounded += arena::rounded(usize::from(e.len));
                 let at = format!("shard {si} slot {slot}");
                 if e.owners == 0 && e.deps == 0 {
                     return Err(format!("{at}: held by nothing but not freed"));
@@ -751,7 +752,7 @@ impl PageStore {
                     return Err(format!("{at}: missing from the sharing table"));
                 }
                 if form == Form::Patched {
-                    *deps.entry(patch_ref(sh.payload(e))).or_default() += 1;
+                    *deps.entry(patch_ref(&sh.payload(e))).or_default() += 1;
                 }
             }
             let stored: u64 = own.iter().map(|k| k.stored).sum();
@@ -836,7 +837,7 @@ impl PageStore {
                 if e.hash == h32 && e.form() == Form::Patched {
                     let id = PageId::new(si, slot as usize, e.generation());
                     let payload = sh.payload(e);
-                    patched.push((id, patch_ref(payload), payload[REF_BYTES..].to_vec()));
+                    patched.push((id, patch_ref(&payload), payload[REF_BYTES..].to_vec()));
                 }
             }
         }
@@ -930,10 +931,10 @@ impl PageStore {
 fn decode_whole(sh: &Shard, e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
     match e.form() {
         Form::Raw => {
-            out.copy_from_slice(sh.payload(e));
+            out.copy_from_slice(&sh.payload(e));
             Ok(())
         }
-        _ => cfg.compression.decompress(sh.payload(e), out),
+        _ => cfg.compression.decompress(&sh.payload(e), out),
     }
 }
 
@@ -945,11 +946,11 @@ fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<u
             continue;
         }
         let equal = match e.form() {
-            Form::Raw => sh.payload(e) == &page[..],
+            Form::Raw => *sh.payload(e) == page[..],
             Form::Compressed => {
                 let mut buf = [0u8; PAGE_SIZE];
                 cfg.compression
-                    .decompress(sh.payload(e), &mut buf)
+                    .decompress(&sh.payload(e), &mut buf)
                     .map_err(|err| {
                         StoreError::CorruptCompressed(
                             PageId::new(0, slot as usize, e.generation()),
