@@ -23,7 +23,9 @@ pub(crate) type Handle = u32;
 
 #[derive(Debug, Default)]
 pub(crate) struct Arena {
-    chunks: Vec<Box<[u8]>>,
+    /// Each of capacity CHUNK; all full but the newest, which grows as objects are appended
+    /// (so no chunk is ever zeroed first).
+    chunks: Vec<Vec<u8>>,
     /// Bytes used from the start of the arena by bump allocation.
     top: usize,
     /// Freed objects by size in grains.
@@ -48,9 +50,8 @@ impl Arena {
     /// Copies `bytes` (1 to 4096 of them) into the arena.
     pub(crate) fn alloc(&mut self, bytes: &[u8]) -> Result<Handle, ArenaFull> {
         let g = grains(bytes.len());
-        let h = match self.take_free(g) {
-            Some(h) => h,
-            None => self.bump(usize::from(g) * GRAIN)?,
+        let Some(h) = self.take_free(g) else {
+            return self.append(bytes, usize::from(g) * GRAIN);
         };
         let at = offset(h);
         let (c, o) = (at / CHUNK, at % CHUNK);
@@ -81,12 +82,24 @@ impl Arena {
         self.free_bytes += usize::from(g) * GRAIN;
     }
 
-    fn bump(&mut self, size: usize) -> Result<Handle, ArenaFull> {
+    /// Places `bytes`, padded to `size`, at the end of the arena.
+    fn append(&mut self, bytes: &[u8], size: usize) -> Result<Handle, ArenaFull> {
         let h = Handle::try_from(self.top / GRAIN).map_err(|_| ArenaFull)?;
-        self.top += size;
-        while self.top > self.capacity() {
-            self.chunks.push(vec![0u8; CHUNK].into_boxed_slice());
+        let mut rest = bytes;
+        let mut pad = size - bytes.len();
+        while !rest.is_empty() || pad > 0 {
+            if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+            let c = self.chunks.last_mut().expect("just ensured");
+            let n = rest.len().min(CHUNK - c.len());
+            c.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            let p = pad.min(CHUNK - c.len());
+            c.resize(c.len() + p, 0);
+            pad -= p;
         }
+        self.top += size;
         Ok(h)
     }
 
@@ -118,7 +131,7 @@ impl Arena {
     /// Bytes of the arena's own bookkeeping: the chunk list and the free lists (a B-tree
     /// node's share estimated at 48 bytes a size).
     pub(crate) fn list_bytes(&self) -> usize {
-        self.chunks.capacity() * std::mem::size_of::<Box<[u8]>>()
+        self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
             + self
                 .free
                 .values()
