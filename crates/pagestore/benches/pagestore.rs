@@ -8,39 +8,22 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use pagestore::{
-    Config, DeltaCodec, MAX_COMPRESSED, Outcome, PAGE_SIZE, Page, PageId, PageStore, is_zero,
-};
+use pagestore::{Config, DeltaCodec, MAX_COMPRESSED, Outcome, PAGE_SIZE, Page, PageId, PageStore};
 
-fn real_pages() -> Vec<Page> {
-    let exe =
-        std::fs::read(std::env::current_exe().expect("own path")).expect("read own executable");
-    let mut seen = std::collections::HashSet::new();
-    exe.chunks_exact(PAGE_SIZE)
-        .map(|c| -> Page { c.try_into().expect("a page") })
-        .filter(|p| !is_zero(p) && seen.insert(*p))
-        .take(2048)
-        .collect()
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-/// Each page with a few bytes changed: pages that patch against the originals.
+/// Each page with 8 bytes changed: pages that patch against the originals.
 fn near_copies(pages: &[Page]) -> Vec<Page> {
     pages
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            let mut q = *p;
-            for k in 0..8 {
-                let at = (i * 131 + k * 509) % PAGE_SIZE;
-                q[at] = q[at].wrapping_add(1);
-            }
-            q
-        })
+        .map(|(i, p)| common::edited(p, 8, u8::try_from(i % 251).expect("< 251")))
         .collect()
 }
 
 fn benches(c: &mut Criterion) {
-    let pages = real_pages();
+    let pages = common::real_pages(2048);
     let near = near_copies(&pages);
     let bytes = (pages.len() * PAGE_SIZE) as u64;
 

@@ -656,6 +656,12 @@ impl PageStore {
                     self.codec.decode(&delta, &reference, out)
                 };
                 decoded.map_err(|err| StoreError::CorruptPatch(id, err))?;
+                // The reference was read unlocked from this page: it was pinned all along only
+                // if this page still stands (a free and a reuse would have changed generation).
+                // Else the caller removed its own id during the read: refuse, never guess.
+                if !self.shards[si].read().entries[slot].holds(id) {
+                    return Err(StoreError::UnknownPage(id));
+                }
             }
         }
         Ok(())
