@@ -105,6 +105,9 @@ struct Run {
     read_gbps: [f64; 5],
     read_p50_us: [f64; 5],
     read_p99_us: [f64; 5],
+    read_1t_gbps: f64,
+    read_nt_gbps: f64,
+    lz4_scaling: f64,
     lz4_gbps: f64,
     insert_compressed_gbps: f64,
     still_compressed: f64,
@@ -180,6 +183,31 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
         r.read_p99_us[c] = l[l.len() * 99 / 100] * 1e6;
     }
 
+    // All reads again without per-read clocks, on one thread and then on every core at once
+    // (each thread its own share of the ids): no read takes a global lock, so this scales.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let t = Instant::now();
+    for &(id, _) in &ids {
+        store.read(id, &mut out)?;
+        black_box(&out);
+    }
+    r.read_1t_gbps = gbps(bytes, t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for part in ids.chunks(ids.len().div_ceil(threads)) {
+            let store = &store;
+            sc.spawn(move || {
+                let mut out = [0u8; PAGE_SIZE];
+                for &(id, _) in part {
+                    store.read(id, &mut out).expect("held page reads");
+                    black_box(&out);
+                }
+            });
+        }
+    });
+    r.read_nt_gbps = gbps(bytes, t.elapsed().as_secs_f64());
+    r.lz4_scaling = lz4_decode_scaling(pages, threads);
+
     // Classification alone, against the full store: every page finds itself, so this pays
     // the hash, the lookups and the full compare (decompressing where the copy is compressed).
     let t = Instant::now();
@@ -243,6 +271,28 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
         store.remove(id)?;
     }
     Ok(r)
+}
+
+/// How lz4_flex alone scales from one thread to `threads` decoding the same pages: what the
+/// machine allows, against which the store's parallel reads are judged.
+fn lz4_decode_scaling(pages: &[Page], threads: usize) -> f64 {
+    let comp: Vec<Vec<u8>> = pages.iter().map(|p| lz4_flex::block::compress(p)).collect();
+    let work = |part: &[Vec<u8>]| {
+        let mut out = [0u8; PAGE_SIZE];
+        for c in part {
+            black_box(lz4_flex::block::decompress_into(c, &mut out).ok());
+        }
+    };
+    let t = Instant::now();
+    work(&comp);
+    let one = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for part in comp.chunks(comp.len().div_ceil(threads)) {
+            sc.spawn(move || work(part));
+        }
+    });
+    one / t.elapsed().as_secs_f64()
 }
 
 /// One delta codec on the (page, reference) pairs that the similarity index proposed.
@@ -329,6 +379,16 @@ pub struct Summary {
     pub classify_dup_gbps: Spread,
     /// per class: name, pages, insert GB/s, read GB/s, read p50 us, read p99 us
     pub classes: Vec<ClassFigures>,
+    /// threads used for the parallel read figure (one per core)
+    pub threads: usize,
+    /// reading every page back on one thread, GB/s
+    pub read_1t_gbps: Spread,
+    /// the same reads spread over `threads` threads, GB/s
+    pub read_nt_gbps: Spread,
+    /// read_nt / read_1t, per run
+    pub read_scaling: Spread,
+    /// lz4_flex decoding the same pages, N threads over one
+    pub lz4_scaling: Spread,
     /// lz4_flex compressing the pages that the store kept compressed, GB/s
     pub lz4_gbps: Spread,
     /// the store inserting those same pages, GB/s
@@ -403,6 +463,11 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         classify_gbps: f(&|r| r.classify_gbps),
         classify_dup_gbps: f(&|r| r.classify_dup_gbps),
         classes,
+        threads: std::thread::available_parallelism().map_or(1, usize::from),
+        read_1t_gbps: f(&|r| r.read_1t_gbps),
+        read_nt_gbps: f(&|r| r.read_nt_gbps),
+        read_scaling: f(&|r| r.read_nt_gbps / r.read_1t_gbps),
+        lz4_scaling: f(&|r| r.lz4_scaling),
         lz4_gbps: f(&|r| r.lz4_gbps),
         insert_compressed_gbps: f(&|r| r.insert_compressed_gbps),
         insert_compressed_vs_lz4: f(&|r| r.insert_compressed_gbps / r.lz4_gbps),
@@ -485,6 +550,15 @@ pub fn render(s: &Summary) -> String {
     let _ = writeln!(
         o,
         "(per-page timings include about 20-40 ns of clock reads each)"
+    );
+    let _ = writeln!(
+        o,
+        "\nall reads, one thread {} GB/s; {} threads at once {} GB/s = {}x one thread\n  (lz4_flex alone decoding the same pages scales {}x here: the machine's own bound)",
+        sp(s.read_1t_gbps, 2),
+        s.threads,
+        sp(s.read_nt_gbps, 2),
+        sp(s.read_scaling, 2),
+        sp(s.lz4_scaling, 2)
     );
     let _ = writeln!(
         o,
