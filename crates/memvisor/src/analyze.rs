@@ -223,7 +223,7 @@ fn count(r: &mut Report, outcome: Outcome, page: &Page, buf: &mut [u8; MAX_COMPR
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    format!("{:.2} MiB", b as f64 / (1 << 20) as f64)
 }
 
 /// The analysis as tables for people.
@@ -288,6 +288,23 @@ pub fn render(a: &Analysis) -> String {
         mib(st.metadata_bytes),
         st.metadata_bytes as f64 / st.stored_pages().max(1) as f64,
         mib(st.slack_bytes)
+    );
+    let class = |name: &str, f: &pagestore::FormStats| {
+        format!(
+            "{name} {} pages {} (+{} entries)",
+            f.stored,
+            mib(f.payload_bytes),
+            mib(f.metadata_bytes)
+        )
+    };
+    let _ = writeln!(
+        s,
+        "  by class: {}; {}; {}; shared {} and zero {} pages store nothing more",
+        class("patched", &st.patched),
+        class("compressed", &st.compressed),
+        class("raw", &st.raw),
+        st.shared_pages,
+        st.zero_pages
     );
     let _ = writeln!(
         s,

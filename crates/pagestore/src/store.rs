@@ -407,6 +407,9 @@ pub struct FormStats {
     pub live: u64,
     /// Payload bytes (patch references count as metadata, not here).
     pub payload_bytes: u64,
+    /// Metadata that belongs to this form's pages alone: their entries, and for patches the
+    /// reference each names. Tables shared by all forms are in [`Stats::metadata_bytes`] only.
+    pub metadata_bytes: u64,
 }
 
 /// Everything a store holds, exactly.
@@ -424,7 +427,9 @@ pub struct Stats {
     pub raw: FormStats,
     /// Pages kept only because a patch needs them as its reference.
     pub reference_only_pages: u64,
-    /// Every byte of bookkeeping: entries, hash tables, similarity index, patch references.
+    /// Every byte of bookkeeping: entries (the per-form figures) and the vector's spare room,
+    /// the sharing tables, the similarity index, the arena's lists, patch references, and the
+    /// store's fixed structures.
     pub metadata_bytes: u64,
     /// Arena bytes holding no payload: rounding to 16 bytes, freed objects not yet reused,
     /// the unused end of the newest chunk.
@@ -806,11 +811,13 @@ impl PageStore {
             stored: k.stored,
             live: k.live,
             payload_bytes: k.payload,
+            metadata_bytes: k.stored * std::mem::size_of::<Entry>() as u64,
         };
         let c = &t.counts;
         let mut patched = f(&c[Form::Patched.ix()]);
         let refs = patched.stored * REF_BYTES as u64;
         patched.payload_bytes -= refs;
+        patched.metadata_bytes += refs;
         let sum = |g: fn(&Counters) -> u64| c.iter().map(g).sum::<u64>();
         let (owners, live, stored) = (sum(|k| k.owners), sum(|k| k.live), sum(|k| k.stored));
         Stats {

@@ -184,6 +184,15 @@ fn metadata_per_stored_page_beats_ksm() {
         per_page < 64.0,
         "{per_page:.1} B of metadata per stored page"
     );
+    let own: u64 = [s.patched, s.compressed, s.raw]
+        .iter()
+        .map(|f| f.metadata_bytes)
+        .sum();
+    assert!(
+        own > 0 && own < s.metadata_bytes,
+        "per-form {own} within the total {}",
+        s.metadata_bytes
+    );
     for id in ids {
         store.remove(id).unwrap();
     }
