@@ -151,7 +151,7 @@ pub fn analyze(
         reports.push(r);
     }
     let stats = store.stats();
-    // Metadata is shared by all inputs: spread it by each one's share of stored pages.
+    // Metadata and arena slack serve all inputs: spread them by each one's share of stored pages.
     let stored: u64 = reports
         .iter()
         .map(|r| r.patched + r.compressed + r.raw)
@@ -159,7 +159,8 @@ pub fn analyze(
     for r in &mut reports {
         let mine = r.patched + r.compressed + r.raw;
         if stored > 0 {
-            let share = u128::from(stats.metadata_bytes) * u128::from(mine) / u128::from(stored);
+            let overhead = stats.metadata_bytes + stats.slack_bytes;
+            let share = u128::from(overhead) * u128::from(mine) / u128::from(stored);
             r.held.memvisor += u64::try_from(share).expect("a share of a u64 fits a u64");
         }
     }
