@@ -74,8 +74,8 @@ pub enum InputError {
     NoProcess(u32),
     /// the process exists but its memory cannot be read
     #[error(
-        "cannot read the memory of process {pid}: permission denied (run as root or as its \
-         owner, and check /proc/sys/kernel/yama/ptrace_scope)"
+        "cannot read the memory of process {pid} (run as root or as its owner, and check \
+         /proc/sys/kernel/yama/ptrace_scope)"
     )]
     Denied {
         /// the process

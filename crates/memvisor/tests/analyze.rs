@@ -300,6 +300,21 @@ fn bad_inputs_get_clear_errors() {
         &["analyze", "--similarity", "9,1", "pid:1"],
         "similarity indices must be 1 to 8",
     );
+    // Another user's process, read by an unprivileged user: a copy of the binary in a
+    // directory that user can reach, run as nobody against this (root's) test process.
+    let bin = dir.join("memvisor");
+    std::fs::copy(env!("CARGO_BIN_EXE_memvisor"), &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["analyze", &format!("pid:{}", std::process::id())])
+        .output()
+        .expect("setpriv (util-linux) is installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read the memory of process"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
