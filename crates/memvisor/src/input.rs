@@ -199,7 +199,7 @@ impl Source {
                 for run in runs(&present[..pages]) {
                     let (lo, hi) = (run.0 * PAGE_SIZE, (run.1 * PAGE_SIZE).min(n));
                     let chunk = &mut buf[lo..run.1 * PAGE_SIZE];
-                    chunk.fill(0);
+                    chunk[hi - lo..].fill(0); // a region's partial last page reads as zero-padded
                     match self
                         .file
                         .read_exact_at(&mut chunk[..hi - lo], at + lo as u64)
