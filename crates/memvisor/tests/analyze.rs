@@ -246,6 +246,30 @@ fn payload(store: &Value) -> u64 {
         .sum()
 }
 
+/// An ELF64 core header with one PT_LOAD segment of `filesz` bytes at offset 4096, and nothing
+/// after the headers: a core cut short.
+fn core_header(filesz: u64) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    h.extend_from_slice(&[0; 8]);
+    h.extend_from_slice(&4u16.to_le_bytes()); // e_type ET_CORE
+    h.extend_from_slice(&62u16.to_le_bytes()); // e_machine x86-64
+    h.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    h.extend_from_slice(&0u64.to_le_bytes()); // e_entry
+    h.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    h.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    h.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        h.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    h.extend_from_slice(&1u32.to_le_bytes()); // p_type PT_LOAD
+    h.extend_from_slice(&6u32.to_le_bytes()); // p_flags RW
+    for v in [4096u64, 0x10000, 0, filesz, filesz, 4096] {
+        h.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    h
+}
+
 fn fails_with(args: &[&str], needle: &str) {
     let out = memvisor(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -272,6 +296,9 @@ fn bad_inputs_get_clear_errors() {
     );
     fails_with(&["analyze", empty.to_str().unwrap()], "not a memory image");
     fails_with(&["analyze", "/bin/sh"], "not a core dump");
+    let cut = dir.join("cut.core");
+    std::fs::write(&cut, core_header(1 << 20)).unwrap();
+    fails_with(&["analyze", cut.to_str().unwrap()], "truncated core");
     fails_with(&["analyze", "pid:abc"], "not a process id");
     // A process that has exited.
     let mut c = Command::new("true").spawn().unwrap();
