@@ -4,10 +4,10 @@
 //! of glibc chunk header and rounding per object (measured by `memvisor bench pagestore`), and
 //! that overhead is invisible to the store's accounting. The arena is one address space of
 //! bytes, backed by 16 KiB chunks; objects are rounded up to 8 bytes and placed end to end, an
-//! object at a chunk's end continuing in the next (reading it copies the two parts into the
-//! caller's buffer), so no chunk ends in a gap where the next object did not fit. Freed space
-//! goes to free lists by size and is reused best-fit, the remainder split off. A 4-byte handle
-//! names an object. Every byte of every chunk is accounted for: as payload, as rounding, or
+//! object at a chunk's end continuing in the next (read back by copying its two parts, into the
+//! caller's page or a fresh buffer), so no chunk ends in a gap where the next object did not
+//! fit. Freed space goes to free lists by size and is reused best-fit, the remainder split off.
+//! A 4-byte handle names an object. Every byte of every chunk is accounted for: as payload, as rounding, or
 //! as free space (freed objects and the unfilled end of the newest chunk).
 
 use std::borrow::Cow;
@@ -84,6 +84,8 @@ impl Arena {
 
     /// Places `bytes`, padded to `size`, at the end of the arena.
     fn append(&mut self, bytes: &[u8], size: usize) -> Result<Handle, ArenaFull> {
+        // The object's end must be addressable too: free space split from it gets handles.
+        Handle::try_from((self.top + size) / GRAIN).map_err(|_| ArenaFull)?;
         let h = Handle::try_from(self.top / GRAIN).map_err(|_| ArenaFull)?;
         let mut rest = bytes;
         let mut pad = size - bytes.len();
@@ -116,6 +118,18 @@ impl Arena {
         v.extend_from_slice(&self.chunks[c][o..]);
         v.extend_from_slice(&self.chunks[c + 1][..len - first]);
         Cow::Owned(v)
+    }
+
+    /// Copies the `out.len()` bytes of object `h` into `out`, from one chunk or two.
+    pub(crate) fn copy_to(&self, h: Handle, out: &mut [u8]) {
+        let at = offset(h);
+        let (c, o) = (at / CHUNK, at % CHUNK);
+        let first = out.len().min(CHUNK - o);
+        out[..first].copy_from_slice(&self.chunks[c][o..o + first]);
+        if first < out.len() {
+            let rest = out.len() - first;
+            out[first..].copy_from_slice(&self.chunks[c + 1][..rest]);
+        }
     }
 
     /// Gives object `h` of `len` bytes back for reuse.

@@ -251,11 +251,18 @@ fn table_hash(h: u32) -> u64 {
     u64::from(h).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-struct Freed {
-    form: Form,
-    /// A copy of the payload, to settle its reference or similarity keys outside the lock.
-    payload: Vec<u8>,
-    loc: Loc,
+/// What a freed page leaves to settle once its shard's lock is let go.
+enum Freed {
+    /// A patch: its reference loses a dependent.
+    Patch(Loc),
+    /// A whole page: its similarity keys must go, computed from a copy of its payload.
+    Whole {
+        loc: Loc,
+        form: Form,
+        payload: Vec<u8>,
+    },
+    /// Nothing.
+    Done,
 }
 
 impl Shard {
@@ -273,17 +280,27 @@ impl Shard {
         self.arena.get(e.handle, usize::from(e.len))
     }
 
+    /// Rebuilds a raw or compressed entry's page into `out`.
+    fn decode(&self, e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
+        match e.form() {
+            Form::Raw => {
+                self.arena.copy_to(e.handle, out);
+                Ok(())
+            }
+            _ => cfg.compression.decompress(&self.payload(e), out),
+        }
+    }
+
     fn alloc(&mut self, form: Form, hash: u32, payload: &[u8]) -> Result<(usize, u32), StoreError> {
+        if self.free_head == NO_SLOT && self.entries.len() >= MAX_SLOTS {
+            return Err(StoreError::Full);
+        }
         let handle = self.arena.alloc(payload).map_err(|_| StoreError::Full)?;
         let slot = if self.free_head != NO_SLOT {
             let s = self.free_head as usize;
             self.free_head = self.entries[s].hash;
             s
         } else {
-            if self.entries.len() >= MAX_SLOTS {
-                self.arena.free(handle, payload.len());
-                return Err(StoreError::Full);
-            }
             if self.entries.len() == self.entries.capacity() {
                 // Grow by an eighth, not double: spare capacity is metadata we pay for.
                 self.entries.reserve_exact(self.entries.len() / 8 + 16);
@@ -317,15 +334,24 @@ impl Shard {
         Ok((slot, generation))
     }
 
-    /// Takes the entry out; the caller has already settled owners and deps.
-    fn free(&mut self, shard: usize, slot: usize) -> Freed {
+    /// Takes the entry out; the caller has already settled owners and deps. A whole page's
+    /// payload is copied out only when `keys` says a similarity index needs it.
+    fn free(&mut self, shard: usize, slot: usize, keys: bool) -> Freed {
         let e = &self.entries[slot];
-        let form = e.form();
-        let payload = self.payload(e).to_vec();
-        self.arena.free(e.handle, payload.len());
+        let (form, len) = (e.form(), usize::from(e.len));
+        let freed = match form {
+            Form::Patched => Freed::Patch(patch_ref(&self.payload(e))),
+            _ if keys => Freed::Whole {
+                loc: loc(shard, slot),
+                form,
+                payload: self.payload(e).into_owned(),
+            },
+            _ => Freed::Done,
+        };
+        self.arena.free(e.handle, len);
         let c = &mut self.counts[form.ix()];
         c.stored -= 1;
-        c.payload -= payload.len() as u64;
+        c.payload -= len as u64;
         let e = &mut self.entries[slot];
         let hash = e.hash;
         e.tag = e.generation(); // form Free, generation kept for the next tenant
@@ -337,15 +363,11 @@ impl Shard {
         {
             found.remove();
         }
-        Freed {
-            form,
-            payload,
-            loc: loc(shard, slot),
-        }
+        freed
     }
 
     /// Drops one owner reference; frees the entry when nothing needs it.
-    fn release_owner(&mut self, shard: usize, slot: usize) -> Option<Freed> {
+    fn release_owner(&mut self, shard: usize, slot: usize, keys: bool) -> Option<Freed> {
         let e = &mut self.entries[slot];
         e.owners -= 1;
         let c = &mut self.counts[e.form().ix()];
@@ -354,7 +376,7 @@ impl Shard {
             return None;
         }
         c.live -= 1;
-        (e.deps == 0).then(|| self.free(shard, slot))
+        (e.deps == 0).then(|| self.free(shard, slot, keys))
     }
 
     fn add_owner(&mut self, slot: usize) {
@@ -586,7 +608,7 @@ impl PageStore {
     ) -> Result<(PageId, Outcome), StoreError> {
         let mut sh = self.shards[si].write();
         // An identical page may have been stored while this one was being encoded.
-        if let Some(slot) = find_whole(&sh, h32, page, self.cfg)? {
+        if let Some(slot) = find_whole(&sh, si, h32, page, self.cfg)? {
             sh.add_owner(slot);
             return Ok((
                 PageId::new(si, slot, sh.entries[slot].generation()),
@@ -639,37 +661,32 @@ impl PageStore {
             .get(slot)
             .filter(|e| e.holds(id))
             .ok_or(StoreError::UnknownPage(id))?;
-        match e.form() {
-            Form::Raw => out.copy_from_slice(&sh.payload(e)),
-            Form::Compressed => self
-                .cfg
-                .compression
-                .decompress(&sh.payload(e), out)
-                .map_err(|err| StoreError::CorruptCompressed(id, err))?,
-            _ => {
-                // Copy the patch out and let go of this shard before touching the reference's.
-                let payload = sh.payload(e);
-                let r = patch_ref(&payload);
-                let delta = payload[REF_BYTES..].to_vec();
-                drop(sh);
-                let decoded = if self.codec.patches_in_place() {
-                    self.read_reference(r, out)?;
-                    self.codec.patch_in_place(&delta, out)
-                } else {
-                    let mut reference = [0u8; PAGE_SIZE];
-                    self.read_reference(r, &mut reference)?;
-                    self.codec.decode(&delta, &reference, out)
-                };
-                decoded.map_err(|err| StoreError::CorruptPatch(id, err))?;
-                // The reference was read unlocked from this page: it was pinned all along only
-                // if this page still stands (a free and a reuse would have changed generation).
-                // Else the caller removed its own id during the read: refuse, never guess.
-                if !self.shards[si].read().entries[slot].holds(id) {
-                    return Err(StoreError::UnknownPage(id));
-                }
-            }
+        if e.form().is_reference() {
+            return sh
+                .decode(e, self.cfg, out)
+                .map_err(|err| StoreError::CorruptCompressed(id, err));
         }
-        Ok(())
+        // A patch: copy it out and let go of this shard before touching the reference's.
+        let payload = sh.payload(e);
+        let r = patch_ref(&payload);
+        let delta = payload[REF_BYTES..].to_vec();
+        drop(payload);
+        drop(sh);
+        let decoded = if self.codec.patches_in_place() {
+            self.read_reference(r, out)
+                .map(|()| self.codec.patch_in_place(&delta, out))
+        } else {
+            let mut reference = [0u8; PAGE_SIZE];
+            self.read_reference(r, &mut reference)
+                .map(|()| self.codec.decode(&delta, &reference, out))
+        };
+        // The reference was read unlocked from this page: it was pinned all along only if
+        // this page still stands (a free and a reuse would have changed its generation). Else
+        // the caller removed its own id during the read: refuse, never guess.
+        if !self.shards[si].read().entries[slot].holds(id) {
+            return Err(StoreError::UnknownPage(id));
+        }
+        decoded?.map_err(|err| StoreError::CorruptPatch(id, err))
     }
 
     /// Gives back one reference to a page; the page is freed when no owner and no patch
@@ -687,7 +704,7 @@ impl PageStore {
         if !sh.entries.get(slot).is_some_and(|e| e.holds(id)) {
             return Err(StoreError::UnknownPage(id));
         }
-        let freed = sh.release_owner(si, slot);
+        let freed = sh.release_owner(si, slot, self.sim.is_some());
         drop(sh);
         if let Some(f) = freed {
             self.after_free(&f);
@@ -839,32 +856,23 @@ impl PageStore {
         h32: u32,
         page: &Page,
     ) -> Result<Option<PageId>, StoreError> {
-        let mut patched: Vec<(PageId, Loc, Vec<u8>)> = Vec::new();
-        {
+        let patched: Vec<PageId> = {
             let sh = self.shards[si].read();
-            if let Some(slot) = find_whole(&sh, h32, page, self.cfg)? {
+            if let Some(slot) = find_whole(&sh, si, h32, page, self.cfg)? {
                 return Ok(Some(PageId::new(si, slot, sh.entries[slot].generation())));
             }
-            for &slot in sh.dedup.iter_hash(table_hash(h32)) {
-                let e = &sh.entries[slot as usize];
-                if e.hash == h32 && e.form() == Form::Patched {
-                    let id = PageId::new(si, slot as usize, e.generation());
-                    let payload = sh.payload(e);
-                    patched.push((id, patch_ref(&payload), payload[REF_BYTES..].to_vec()));
-                }
-            }
-        }
-        // Patched candidates need their reference, which may live in another shard.
-        let mut reference = [0u8; PAGE_SIZE];
+            sh.dedup
+                .iter_hash(table_hash(h32))
+                .map(|&slot| (slot as usize, &sh.entries[slot as usize]))
+                .filter(|(_, e)| e.hash == h32 && e.form() == Form::Patched)
+                .map(|(slot, e)| PageId::new(si, slot, e.generation()))
+                .collect()
+        };
+        // Patched candidates need their reference, which may live in another shard: read them
+        // as any owner would, after letting go of this shard.
         let mut candidate = [0u8; PAGE_SIZE];
-        for (id, r, delta) in patched {
-            if self.read_reference(r, &mut reference).is_ok()
-                && self
-                    .codec
-                    .decode(&delta, &reference, &mut candidate)
-                    .is_ok()
-                && candidate == *page
-            {
+        for id in patched {
+            if self.read(id, &mut candidate).is_ok() && candidate == *page {
                 return Ok(Some(id));
             }
         }
@@ -877,25 +885,26 @@ impl PageStore {
         let sh = self.shards[si].read();
         let e = sh.entries.get(slot).filter(|e| e.form().is_reference());
         let e = e.ok_or(StoreError::UnknownPage(PageId::new(si, slot, 0)))?;
-        decode_whole(&sh, e, self.cfg, out).map_err(|err| {
+        sh.decode(e, self.cfg, out).map_err(|err| {
             StoreError::CorruptCompressed(PageId::new(si, slot, e.generation()), err)
         })
     }
 
-    /// Raises the deps count of a reference and reads it; false if it is gone or unusable.
+    /// Raises the deps count of a reference, then reads it (under a read lock only: the
+    /// count keeps it alive); false if it is gone or unusable.
     fn pin(&self, r: Loc, out: &mut Page) -> bool {
         let (si, slot) = split(r);
-        let mut sh = self.shards[si].write();
-        let Some(e) = sh.entries.get(slot) else {
-            return false;
-        };
-        if !e.form().is_reference()
-            || e.deps == u16::MAX
-            || decode_whole(&sh, e, self.cfg, out).is_err()
         {
+            let mut sh = self.shards[si].write();
+            match sh.entries.get_mut(slot) {
+                Some(e) if e.form().is_reference() && e.deps < u16::MAX => e.deps += 1,
+                _ => return false,
+            }
+        }
+        if self.read_reference(r, out).is_err() {
+            self.unpin(r);
             return false;
         }
-        sh.entries[slot].deps += 1;
         true
     }
 
@@ -904,7 +913,7 @@ impl PageStore {
         let mut sh = self.shards[si].write();
         let e = &mut sh.entries[slot];
         e.deps -= 1;
-        let freed = (e.deps == 0 && e.owners == 0).then(|| sh.free(si, slot));
+        let freed = (e.deps == 0 && e.owners == 0).then(|| sh.free(si, slot, self.sim.is_some()));
         drop(sh);
         if let Some(f) = freed {
             self.after_free(&f);
@@ -913,46 +922,35 @@ impl PageStore {
 
     /// Settles what a freed page leaves behind: its reference's deps, or its similarity keys.
     fn after_free(&self, f: &Freed) {
-        match f.form {
-            Form::Patched => {
-                self.unpin(patch_ref(&f.payload));
-            }
-            Form::Raw | Form::Compressed => {
-                if let Some(sim) = &self.sim {
-                    let mut page = [0u8; PAGE_SIZE];
-                    let ok = match f.form {
-                        Form::Raw => {
-                            page.copy_from_slice(&f.payload);
-                            true
-                        }
-                        _ => self
-                            .cfg
-                            .compression
-                            .decompress(&f.payload, &mut page)
-                            .is_ok(),
-                    };
-                    if ok {
-                        sim.remove(&sim.keys(&page), f.loc);
+        match f {
+            Freed::Patch(r) => self.unpin(*r),
+            Freed::Whole { loc, form, payload } => {
+                let Some(sim) = &self.sim else { return };
+                let mut page = [0u8; PAGE_SIZE];
+                let ok = match form {
+                    Form::Raw => {
+                        page.copy_from_slice(payload);
+                        true
                     }
+                    _ => self.cfg.compression.decompress(payload, &mut page).is_ok(),
+                };
+                if ok {
+                    sim.remove(&sim.keys(&page), *loc);
                 }
             }
-            Form::Free => {}
+            Freed::Done => {}
         }
-    }
-}
-
-fn decode_whole(sh: &Shard, e: &Entry, cfg: Config, out: &mut Page) -> Result<(), CompressError> {
-    match e.form() {
-        Form::Raw => {
-            out.copy_from_slice(&sh.payload(e));
-            Ok(())
-        }
-        _ => cfg.compression.decompress(&sh.payload(e), out),
     }
 }
 
 /// A raw or compressed page in `sh` equal to `page`.
-fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<usize>, StoreError> {
+fn find_whole(
+    sh: &Shard,
+    si: usize,
+    h32: u32,
+    page: &Page,
+    cfg: Config,
+) -> Result<Option<usize>, StoreError> {
     for &slot in sh.dedup.iter_hash(table_hash(h32)) {
         let e = &sh.entries[slot as usize];
         if e.hash != h32 {
@@ -966,7 +964,7 @@ fn find_whole(sh: &Shard, h32: u32, page: &Page, cfg: Config) -> Result<Option<u
                     .decompress(&sh.payload(e), &mut buf)
                     .map_err(|err| {
                         StoreError::CorruptCompressed(
-                            PageId::new(0, slot as usize, e.generation()),
+                            PageId::new(si, slot as usize, e.generation()),
                             err,
                         )
                     })?;
