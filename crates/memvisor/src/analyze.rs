@@ -4,6 +4,8 @@
 //! store actually holds, metadata included), and through the baselines computed on the same
 //! pages: sharing only (what KSM can do), LZ4 only (what zram/zswap do), and both.
 
+use std::ops::ControlFlow;
+
 use pagestore::{
     Compression, Config, MAX_COMPRESSED, Outcome, PAGE_SIZE, Page, PageStore, StoreError,
 };
@@ -82,18 +84,9 @@ pub struct Report {
     /// Pages stored whole.
     pub raw: u64,
     /// Pages the input skipped.
-    pub skipped: SkippedCounts,
+    pub skipped: Skipped,
     /// Bytes held per strategy.
     pub held: Held,
-}
-
-/// [`Skipped`] summed over inputs.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct SkippedCounts {
-    /// Mapped but not resident (processes only).
-    pub not_resident: u64,
-    /// Refused by the kernel.
-    pub unreadable: u64,
 }
 
 /// The whole analysis.
@@ -128,14 +121,15 @@ pub fn analyze(
             ..Report::default()
         };
         let mut failure = None;
-        let skipped = src.for_each_page(
-            |page: &Page| {
-                if failure.is_some() {
-                    return;
+        r.skipped = src.for_each_page(
+            |page: &Page| match store.insert_with_outcome(page) {
+                Ok((_, outcome)) => {
+                    count(&mut r, outcome, page, &mut cbuf);
+                    ControlFlow::Continue(())
                 }
-                match store.insert_with_outcome(page) {
-                    Ok((_, outcome)) => count(&mut r, outcome, page, &mut cbuf),
-                    Err(e) => failure = Some(e),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
                 }
             },
             &mut progress,
@@ -143,11 +137,6 @@ pub fn analyze(
         if let Some(e) = failure {
             return Err(e.into());
         }
-        r.skipped = SkippedCounts {
-            not_resident: skipped.not_resident,
-            unreadable: skipped.unreadable,
-        };
-        let _: Skipped = skipped;
         reports.push(r);
     }
     let stats = store.stats();
@@ -176,8 +165,7 @@ pub fn analyze(
         total.patch_bytes += r.patch_bytes;
         total.compressed += r.compressed;
         total.raw += r.raw;
-        total.skipped.not_resident += r.skipped.not_resident;
-        total.skipped.unreadable += r.skipped.unreadable;
+        total.skipped.add(r.skipped);
         total.held.add(&r.held);
     }
     // The total is the store's exact figure, not the sum of rounded shares.
@@ -190,7 +178,9 @@ pub fn analyze(
     })
 }
 
-fn lz4_held(page: &Page, buf: &mut [u8; MAX_COMPRESSED]) -> u64 {
+/// What zram would hold for `page` with LZ4: the compressed bytes, or the whole page when
+/// it compresses to more than [`ZRAM_HUGE`].
+pub fn lz4_held(page: &Page, buf: &mut [u8; MAX_COMPRESSED]) -> u64 {
     match Compression::Lz4.compress(page, buf) {
         Some(n) if n <= ZRAM_HUGE => n as u64,
         _ => PAGE_SIZE as u64,
@@ -241,10 +231,10 @@ pub fn render(a: &Analysis) -> String {
             let _ = writeln!(s, "{}", "-".repeat(117));
         }
         let h = &r.held;
-        let name = if r.name.len() > 28 {
-            format!("…{}", &r.name[r.name.len() - 27..])
-        } else {
-            r.name.clone()
+        // Long names keep their last 27 characters (not bytes: a path may be UTF-8).
+        let name = match r.name.char_indices().rev().nth(26) {
+            Some((at, _)) if r.name.chars().count() > 28 => format!("…{}", &r.name[at..]),
+            _ => r.name.clone(),
         };
         let _ = writeln!(
             s,

@@ -2,6 +2,7 @@
 //! same pages in the same run.
 
 use std::hint::black_box;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -11,7 +12,7 @@ use pagestore::{
 use serde::Serialize;
 
 use crate::alloc::live_bytes;
-use crate::analyze::ZRAM_HUGE;
+use crate::analyze::lz4_held;
 use crate::input::Input;
 
 const CLASSES: [&str; 5] = ["zero", "shared", "patched", "compressed", "raw"];
@@ -47,8 +48,11 @@ pub fn collect_pages(inputs: &[Input], max_pages: usize) -> Result<(Vec<Page>, V
         };
         src.for_each_page(
             |p| {
+                pages.push(*p);
                 if pages.len() < max_pages {
-                    pages.push(*p);
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
                 }
             },
             |_| {},
@@ -116,8 +120,6 @@ struct Run {
     metadata: u64,
     heap: u64,
     malloc: u64,
-    sharing_only: u64,
-    lz4_only: u64,
 }
 
 fn gbps(bytes: usize, secs: f64) -> f64 {
@@ -254,19 +256,6 @@ fn one_run(pages: &[Page], cfg: Config) -> Result<Run> {
         r.still_compressed = n_comp as f64 / comp.len() as f64;
     }
 
-    // Baselines' footprints on the same pages.
-    let mut seen = std::collections::HashSet::new();
-    let mut buf = [0u8; MAX_COMPRESSED];
-    for p in pages.iter().filter(|p| !is_zero(p)) {
-        let lz = match lz4_flex::block::compress_into(p, &mut buf) {
-            Ok(n) if n <= ZRAM_HUGE => n as u64,
-            _ => PAGE_SIZE as u64,
-        };
-        r.lz4_only += lz;
-        if seen.insert(xxhash_rust::xxh3::xxh3_128(p)) {
-            r.sharing_only += PAGE_SIZE as u64;
-        }
-    }
     for (id, _) in ids {
         store.remove(id)?;
     }
@@ -293,6 +282,16 @@ fn lz4_decode_scaling(pages: &[Page], threads: usize) -> f64 {
         }
     });
     one / t.elapsed().as_secs_f64()
+}
+
+/// What sharing only (each distinct page once, found by whole-page equality) and LZ4 only
+/// (zram's rule) would hold for the non-zero pages.
+fn baselines(pages: &[Page]) -> (u64, u64) {
+    let mut buf = [0u8; MAX_COMPRESSED];
+    let nonzero: Vec<&Page> = pages.iter().filter(|p| !is_zero(p)).collect();
+    let distinct: std::collections::HashSet<&Page> = nonzero.iter().copied().collect();
+    let lz4 = nonzero.iter().map(|p| lz4_held(p, &mut buf)).sum();
+    (distinct.len() as u64 * PAGE_SIZE as u64, lz4)
 }
 
 /// One delta codec on the (page, reference) pairs that the similarity index proposed.
@@ -441,6 +440,7 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         .collect::<Result<_>>()?;
     let f = |g: &dyn Fn(&Run) -> f64| spread(rs.iter().map(g).collect());
     let last = rs.last().expect("at least one run");
+    let (sharing_only, lz4_only) = baselines(&pages);
     let (zram, zram_skipped) = match crate::zram::measure(&pages, "lz4") {
         Ok(z) => (Some(z), None),
         Err(e) => (None, Some(e.to_string())),
@@ -475,8 +475,8 @@ pub fn run(inputs: &[Input], max_pages: usize, runs: usize, cfg: Config) -> Resu
         metadata_bytes: last.metadata,
         heap_bytes: last.heap,
         malloc_bytes: last.malloc,
-        sharing_only_bytes: last.sharing_only,
-        lz4_only_bytes: last.lz4_only,
+        sharing_only_bytes: sharing_only,
+        lz4_only_bytes: lz4_only,
         zram,
         zram_skipped,
         codecs: codec_figures(&pages, cfg)?,

@@ -5,6 +5,7 @@
 //! installed) and a raw image cut from one core, and benchmarks the store on those pages.
 
 use std::io::{BufRead, BufReader, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -77,9 +78,11 @@ fn raw_from_core(core: &Path, out: &Path) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(out)?);
     let mut err = None;
     src.for_each_page(
-        |p| {
-            if err.is_none() {
-                err = f.write_all(p).err();
+        |p| match f.write_all(p) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                err = Some(e);
+                ControlFlow::Break(())
             }
         },
         |_| {},

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::ErrorKind;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -168,6 +169,14 @@ pub struct Skipped {
     pub unreadable: u64,
 }
 
+impl Skipped {
+    /// Adds another source's skips to these.
+    pub fn add(&mut self, o: Skipped) {
+        self.not_resident += o.not_resident;
+        self.unreadable += o.unreadable;
+    }
+}
+
 const CHUNK_PAGES: usize = 256;
 
 impl Source {
@@ -176,11 +185,11 @@ impl Source {
         self.regions.iter().map(|r| r.len).sum()
     }
 
-    /// Calls `f` with every page, in order; a partial last page of a region is zero-padded.
-    /// `progress` gets the bytes of each chunk consumed.
+    /// Calls `f` with every page, in order, until it says to stop; a partial last page of a
+    /// region is zero-padded. `progress` gets the bytes of each chunk consumed.
     pub fn for_each_page(
         &self,
-        mut f: impl FnMut(&Page),
+        mut f: impl FnMut(&Page) -> ControlFlow<()>,
         mut progress: impl FnMut(u64),
     ) -> Result<Skipped, InputError> {
         let mut skipped = Skipped::default();
@@ -206,7 +215,9 @@ impl Source {
                     {
                         Ok(()) => {
                             for p in chunk.chunks_exact(PAGE_SIZE) {
-                                f(p.try_into().expect("a page"));
+                                if f(p.try_into().expect("a page")).is_break() {
+                                    return Ok(skipped);
+                                }
                             }
                         }
                         // The kernel refuses some mappings of a live process (EIO).

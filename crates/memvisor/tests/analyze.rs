@@ -346,6 +346,23 @@ fn bad_inputs_get_clear_errors() {
 }
 
 #[test]
+fn long_non_ascii_names_are_shortened_on_character_boundaries() {
+    let dir = std::env::temp_dir().join(format!("memvisor-näme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join(format!("{}.img", "é".repeat(40)));
+    let exe = std::fs::read(env!("CARGO_BIN_EXE_memvisor")).unwrap();
+    std::fs::write(&img, &exe[..8 * PAGE]).unwrap();
+    let out = memvisor(&["analyze", &format!("raw:{}", img.display())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout).unwrap().contains("…éé"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn table_output_names_every_strategy() {
     let w = workload(3);
     let out = memvisor(&["analyze", &format!("pid:{}", w.0.id())]);
