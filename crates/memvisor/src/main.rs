@@ -51,6 +51,19 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Boots a guest on /dev/kvm: an image of the guest kit (see guest/) or a static ELF64
+    /// executable, its console on stdout; exits with the guest's status.
+    Run {
+        /// Guest RAM, in bytes or with a K, M or G suffix.
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// A program of the guest kit (memtest, fault), built on first use.
+        #[arg(long, conflicts_with = "image")]
+        guest: Option<String>,
+        /// A guest image file.
+        #[arg(required_unless_present = "guest")]
+        image: Option<std::path::PathBuf>,
+    },
     /// The main job: real programs' memory analyzed and benchmarked, nothing to configure.
     Demo {
         /// Pages for the benchmark part (fewer is quicker).
@@ -183,6 +196,47 @@ fn run_analyze(inputs: &[Input], cfg: Config, json: bool) -> Result<analyze::Ana
     Ok(a)
 }
 
+/// Bytes from "256M", "1G", "4096" and the like.
+fn parse_size(s: &str) -> Result<u64> {
+    let (num, mult) = match s.trim().to_ascii_uppercase().chars().last() {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("--memory {s}: write a size such as 256M or 1G"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("--memory {s}: too large"))
+}
+
+/// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
+fn run_guest(memory: &str, guest: Option<&str>, image: Option<&std::path::Path>) -> Result<u8> {
+    let path = match (guest, image) {
+        (Some(name), _) => {
+            let target = vmm::kit::dir().join("../target/guest");
+            vmm::kit::build(name, &target)?
+        }
+        (None, Some(p)) => p.to_path_buf(),
+        (None, None) => bail!("name an image or --guest NAME"),
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let vm = vmm::Vm::new(parse_size(memory)?)?;
+    let start = std::time::Instant::now();
+    let (exit, _) = vm.run_image(&bytes, std::io::stdout())?;
+    eprintln!(
+        "memvisor: guest {} after {:.3} s: {exit:?}",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(match exit {
+        vmm::Exit::Status(s) => s,
+        vmm::Exit::Reset | vmm::Exit::Halt => 0,
+    })
+}
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -221,6 +275,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Demo { bench_pages } => demo::run(bench_pages)?,
+        Cmd::Run {
+            memory,
+            guest,
+            image,
+        } => {
+            let status = run_guest(&memory, guest.as_deref(), image.as_deref())?;
+            std::process::exit(i32::from(status));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,16 @@
+//! `vmm`: memvisor's KVM layer.
+//!
+//! A VM on /dev/kvm with anonymous guest RAM (vm-memory), handed out so that the layers above
+//! (the pager, snapshots) can manage it; vCPUs each on a thread; port I/O devices (a 16550
+//! console from vm-superio, an exit port, the i8042 reset); and the x86 boot path of the guest
+//! kit: long mode, identity-mapped, started directly in ring 3, where KVM's PVM backend runs
+//! guest code natively. docs/vmm.md has the details and what was measured.
+#![warn(missing_docs)]
+
+pub mod devices;
+pub mod kit;
+pub mod loader;
+mod vm;
+pub mod x86;
+
+pub use vm::{Exit, Vm, VmError};
