@@ -57,6 +57,9 @@ enum Cmd {
         /// Guest RAM, in bytes or with a K, M or G suffix.
         #[arg(long, default_value = "256M")]
         memory: String,
+        /// vCPUs, each on a thread of its own (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
         /// A program of the guest kit (memtest, fault), built on first use.
         #[arg(long, conflicts_with = "image")]
         guest: Option<String>,
@@ -213,10 +216,16 @@ fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
-fn run_guest(memory: &str, guest: Option<&str>, image: Option<&std::path::Path>) -> Result<u8> {
+fn run_guest(
+    memory: &str,
+    vcpus: u8,
+    guest: Option<&str>,
+    image: Option<&std::path::Path>,
+) -> Result<u8> {
     let path = match (guest, image) {
         (Some(name), _) => {
-            let target = vmm::kit::dir().join("../target/guest");
+            let dir = vmm::kit::dir();
+            let target = dir.parent().unwrap_or(&dir).join("target/guest");
             vmm::kit::build(name, &target)?
         }
         (None, Some(p)) => p.to_path_buf(),
@@ -225,7 +234,7 @@ fn run_guest(memory: &str, guest: Option<&str>, image: Option<&std::path::Path>)
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let vm = vmm::Vm::new(parse_size(memory)?)?;
     let start = std::time::Instant::now();
-    let (exit, _) = vm.run_image(&bytes, std::io::stdout())?;
+    let (exit, _) = vm.run_image(&bytes, vcpus, std::io::stdout())?;
     eprintln!(
         "memvisor: guest {} after {:.3} s: {exit:?}",
         path.display(),
@@ -277,10 +286,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { bench_pages } => demo::run(bench_pages)?,
         Cmd::Run {
             memory,
+            vcpus,
             guest,
             image,
         } => {
-            let status = run_guest(&memory, guest.as_deref(), image.as_deref())?;
+            let status = run_guest(&memory, vcpus, guest.as_deref(), image.as_deref())?;
             std::process::exit(i32::from(status));
         }
     }

@@ -1,6 +1,8 @@
 //! A VM on /dev/kvm: its guest RAM, its vCPU, and the loop that serves the vCPU's exits.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -19,6 +21,9 @@ pub enum VmError {
     /// a KVM ioctl failed
     #[error("KVM refused {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// a bad vCPU count
+    #[error("a guest-kit VM has 1 to {MAX_VCPUS} vCPUs, not {0}")]
+    Vcpus(u8),
     /// a bad RAM size
     #[error("guest RAM must be a whole number of 4 KiB pages from 2 MiB to 4 GiB, not {0} bytes")]
     RamSize(u64),
@@ -106,45 +111,177 @@ impl Vm {
         &self.mem
     }
 
-    /// Boots a guest-kit image (a static ELF64 executable) in ring 3 on one vCPU, with its
-    /// console written to `console`, and runs it until it exits.
+    /// Boots a guest-kit image (a static ELF64 executable) in ring 3 on `vcpus` vCPUs (1 to
+    /// 16), each on a thread of its own, with the console written to `console`, and runs it
+    /// until one vCPU ends the VM; the others are then stopped.
     pub fn run_image<W: Write + Send>(
         &self,
         image: &[u8],
+        vcpus: u8,
         console: W,
     ) -> Result<(Exit, W), VmError> {
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(VmError::Vcpus(vcpus));
+        }
         x86::write_tables(&self.mem, self.ram).map_err(VmError::Tables)?;
         let (entry, image_end) = loader::load(&self.mem, self.ram, image)?;
-        let mut vcpu = self.fd.create_vcpu(0).map_err(kvm("creating vCPU 0"))?;
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("reporting supported CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm("setting CPUID"))?;
-        let mut sregs = vcpu.get_sregs().map_err(kvm("reading special registers"))?;
-        x86::ring3_sregs(&mut sregs);
-        vcpu.set_sregs(&sregs).map_err(kvm("setting long mode"))?;
-        vcpu.set_fpu(&x86::initial_fpu())
-            .map_err(kvm("setting the FPU"))?;
-        vcpu.set_regs(&x86::entry_regs(entry, self.ram, image_end))
-            .map_err(kvm("setting registers"))?;
-        let mut ports = Ports::new(console);
-        // Each vCPU runs on a thread of its own.
-        let exit = std::thread::scope(|s| s.spawn(|| run_vcpu(&mut vcpu, 0, &mut ports)).join())
-            .unwrap_or_else(|_| {
-                Err(VmError::Guest {
-                    what: "the vCPU thread panicked".into(),
-                    vcpu: 0,
-                    regs: String::new(),
-                })
-            })?;
-        Ok((exit, ports.into_console()))
+        let fds = (0..vcpus)
+            .map(|i| {
+                let vcpu = self
+                    .fd
+                    .create_vcpu(u64::from(i))
+                    .map_err(kvm("creating a vCPU"))?;
+                vcpu.set_cpuid2(&cpuid).map_err(kvm("setting CPUID"))?;
+                let mut sregs = vcpu.get_sregs().map_err(kvm("reading special registers"))?;
+                x86::ring3_sregs(&mut sregs);
+                vcpu.set_sregs(&sregs).map_err(kvm("setting long mode"))?;
+                vcpu.set_fpu(&x86::initial_fpu())
+                    .map_err(kvm("setting the FPU"))?;
+                let regs = x86::entry_regs(entry, self.ram, image_end, i, vcpus);
+                vcpu.set_regs(&regs).map_err(kvm("setting registers"))?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<VcpuFd>, VmError>>()?;
+        register_kick_signal();
+        let ports = Mutex::new(Ports::new(console));
+        let stop = Stop::new(fds.len());
+        std::thread::scope(|s| {
+            for (i, mut vcpu) in fds.into_iter().enumerate() {
+                let (ports, stop) = (&ports, &stop);
+                s.spawn(move || {
+                    stop.enter(i);
+                    let id = i as u64;
+                    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_vcpu(&mut vcpu, id, ports, stop)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Some(Err(VmError::Guest {
+                            what: "the vCPU thread panicked".into(),
+                            vcpu: id,
+                            regs: String::new(),
+                        }))
+                    });
+                    stop.leave(i, ended);
+                });
+            }
+            stop.kick_until_all_left();
+        });
+        let exit = stop.outcome()?;
+        let console = ports
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok((exit, console.take_console()))
     }
 }
 
-impl<W: Write> Ports<W> {
-    fn into_console(self) -> W {
-        self.take_console()
+/// The most vCPUs a guest-kit VM has: the kit's stacks are 64 KiB each in the top MiB of RAM.
+pub const MAX_VCPUS: u8 = 16;
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts a vCPU thread's KVM_RUN: a real-time one, which the C runtime
+/// does not use, with a handler that does nothing (the interrupted ioctl returns EINTR).
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn register_kick_signal() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .expect("a real-time signal can take a handler");
+    });
+}
+
+/// How the vCPU threads of one run agree to stop: the first to end the VM records how, and
+/// the others are kicked out of KVM_RUN until they have all left.
+struct Stop {
+    /// Each vCPU thread's state; only a running one is ever signalled (never one that may
+    /// have exited).
+    threads: Mutex<Vec<Thread>>,
+    ended: Mutex<Option<Result<Exit, VmError>>>,
+    flag: AtomicBool,
+    changed: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thread {
+    Starting,
+    Running(libc::pthread_t),
+    Left,
+}
+
+impl Stop {
+    fn new(n: usize) -> Self {
+        Stop {
+            threads: Mutex::new(vec![Thread::Starting; n]),
+            ended: Mutex::new(None),
+            flag: AtomicBool::new(false),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn enter(&self, i: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        Self::lock(&self.threads)[i] = Thread::Running(unsafe { libc::pthread_self() });
+    }
+
+    /// Called by a vCPU thread as it leaves: `ended` is how it ended the VM, or None when it
+    /// was stopped because another vCPU ended it.
+    fn leave(&self, i: usize, ended: Option<Result<Exit, VmError>>) {
+        if let Some(e) = ended {
+            let mut slot = Self::lock(&self.ended);
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+        let mut threads = Self::lock(&self.threads);
+        threads[i] = Thread::Left;
+        self.flag.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Waits for the first vCPU to end the VM, then signals the others until all have left.
+    fn kick_until_all_left(&self) {
+        let mut threads = Self::lock(&self.threads);
+        while threads.iter().any(|t| *t != Thread::Left) {
+            if !self.stopping() {
+                threads = self
+                    .changed
+                    .wait(threads)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            for t in threads.iter() {
+                if let Thread::Running(t) = t {
+                    // SAFETY: the thread is alive: it marks itself Left, under this lock,
+                    // before it exits; the signal has a handler, so it only interrupts KVM_RUN.
+                    unsafe { libc::pthread_kill(*t, kick_signal()) };
+                }
+            }
+            // A kick that lands just before KVM_RUN is lost: kick again after a moment.
+            threads = self
+                .changed
+                .wait_timeout(threads, std::time::Duration::from_millis(1))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn outcome(&self) -> Result<Exit, VmError> {
+        Self::lock(&self.ended).take().unwrap_or(Ok(Exit::Halt))
     }
 }
 
@@ -171,18 +308,32 @@ fn regs(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn run_vcpu<W: Write>(vcpu: &mut VcpuFd, id: u64, ports: &mut Ports<W>) -> Result<Exit, VmError> {
+/// Runs one vCPU until it ends the VM (`Some`) or is stopped because another did (`None`).
+fn run_vcpu<W: Write>(
+    vcpu: &mut VcpuFd,
+    id: u64,
+    ports: &Mutex<Ports<W>>,
+    stop: &Stop,
+) -> Option<Result<Exit, VmError>> {
+    let ports = || {
+        ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     loop {
+        if stop.stopping() {
+            return None;
+        }
         let what = match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => return Err(VmError::Kvm("running a vCPU", e)),
-            Ok(VcpuExit::IoOut(port, data)) => match ports.write(port, data) {
+            Err(e) => return Some(Err(VmError::Kvm("running a vCPU", e))),
+            Ok(VcpuExit::IoOut(port, data)) => match ports().write(port, data) {
                 PortAction::None => continue,
-                PortAction::Exit(status) => return Ok(Exit::Status(status)),
-                PortAction::Reset => return Ok(Exit::Reset),
+                PortAction::Exit(status) => return Some(Ok(Exit::Status(status))),
+                PortAction::Reset => return Some(Ok(Exit::Reset)),
             },
             Ok(VcpuExit::IoIn(port, data)) => {
-                ports.read(port, data);
+                ports().read(port, data);
                 continue;
             }
             // No MMIO device yet: writes go nowhere, reads float high.
@@ -191,7 +342,7 @@ fn run_vcpu<W: Write>(vcpu: &mut VcpuFd, id: u64, ports: &mut Ports<W>) -> Resul
                 data.fill(0xff);
                 continue;
             }
-            Ok(VcpuExit::Hlt) => return Ok(Exit::Halt),
+            Ok(VcpuExit::Hlt) => return Some(Ok(Exit::Halt)),
             Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Ok(VcpuExit::InternalError) => {
                 "KVM internal error (an instruction KVM could not emulate?)".to_string()
@@ -201,10 +352,10 @@ fn run_vcpu<W: Write>(vcpu: &mut VcpuFd, id: u64, ports: &mut Ports<W>) -> Resul
             }
             Ok(other) => format!("unexpected exit {other:?}"),
         };
-        return Err(VmError::Guest {
+        return Some(Err(VmError::Guest {
             what,
             vcpu: id,
             regs: regs(vcpu),
-        });
+        }));
     }
 }

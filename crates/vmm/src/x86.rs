@@ -126,20 +126,27 @@ pub fn ring3_sregs(sregs: &mut kvm_sregs) {
     sregs.efer = 0x500; // LME, LMA
 }
 
-/// Registers at the entry point: the guest kit's boot protocol passes the RAM size in `rdi`
-/// and the end of the image in `rsi`; the stack starts at the top of RAM; IOPL 3, interrupts
-/// off.
-pub fn entry_regs(entry: u64, ram: u64, image_end: u64) -> kvm_regs {
+/// Registers at the entry point of vCPU `cpu` of `cpus`: the guest kit's boot protocol passes
+/// the RAM size in `rdi`, the end of the image in `rsi`, the vCPU's index in `rdx` and the
+/// vCPU count in `rcx`; each vCPU's 64 KiB stack hangs below the top of RAM; IOPL 3,
+/// interrupts off.
+pub fn entry_regs(entry: u64, ram: u64, image_end: u64, cpu: u8, cpus: u8) -> kvm_regs {
+    let stack_top = (ram & !0xf) - u64::from(cpu) * VCPU_STACK;
     kvm_regs {
         rip: entry,
         rdi: ram,
         rsi: image_end,
+        rdx: u64::from(cpu),
+        rcx: u64::from(cpus),
         // The System V ABI wants rsp + 8 16-byte aligned at a function's entry.
-        rsp: (ram & !0xf) - 8,
+        rsp: stack_top - 8,
         rflags: 0x2 | (3 << 12),
         ..Default::default()
     }
 }
+
+/// Stack bytes per vCPU of a guest-kit VM.
+pub const VCPU_STACK: u64 = 64 << 10;
 
 /// The FPU as after FNINIT, with SSE exceptions masked.
 pub fn initial_fpu() -> kvm_fpu {

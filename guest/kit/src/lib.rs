@@ -2,7 +2,9 @@
 //!
 //! The boot protocol (memvisor's vmm crate sets it up): the guest starts in 64-bit ring 3 with
 //! IOPL 3, paging on and the first GiBs identity-mapped, interrupts off; `rdi` holds the guest
-//! RAM size in bytes and `rsi` the end of the loaded image; `rsp` is the top of RAM. A guest
+//! RAM size in bytes, `rsi` the end of the loaded image, `rdx` this vCPU's index and `rcx` the
+//! vCPU count; each vCPU's 64 KiB stack hangs below the top of RAM (vCPU 0's highest). Every
+//! vCPU starts at the entry point at once. A guest
 //! talks to the world with port I/O only: bytes to COM1 (0x3f8) are its console, a byte to
 //! port 0xf4 ends the VM with that byte as the exit status.
 #![no_std]
@@ -21,6 +23,10 @@ pub struct Boot {
     pub ram: u64,
     /// First byte after the loaded image.
     pub image_end: u64,
+    /// This vCPU's index, from 0.
+    pub cpu: u64,
+    /// How many vCPUs run the guest.
+    pub cpus: u64,
 }
 
 fn outb(port: u16, value: u8) {
@@ -70,13 +76,25 @@ pub fn exit(status: u8) -> ! {
     }
 }
 
+/// Waits forever without exiting: for vCPUs whose work is done while another decides the end.
+pub fn park() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 /// Defines the guest's entry point: `$main(Boot) -> u8`, whose result is the exit status.
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
         #[unsafe(no_mangle)]
-        pub extern "C" fn _start(ram: u64, image_end: u64) -> ! {
-            let status = $main($crate::Boot { ram, image_end });
+        pub extern "C" fn _start(ram: u64, image_end: u64, cpu: u64, cpus: u64) -> ! {
+            let status = $main($crate::Boot {
+                ram,
+                image_end,
+                cpu,
+                cpus,
+            });
             $crate::exit(status)
         }
 
@@ -87,6 +105,11 @@ macro_rules! entry {
         }
     };
 }
+
+/// The precompiled libcore of the host target names an unwinding personality routine; with
+/// panic = "abort" nothing unwinds, so nothing ever calls it.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
 
 // Freestanding code has no libc: these are the memory functions the compiler calls. Volatile
 // byte accesses keep the compiler from turning the loops back into calls to themselves.
