@@ -22,6 +22,14 @@ fn memtest_runs_and_its_status_is_the_exit_code() {
         console.contains("memtest: 27 MiB") && console.contains("memtest: ok"),
         "{console}"
     );
+    let out = memvisor(&[
+        "run", "--guest", "memtest", "--memory", "32M", "--vcpus", "2",
+    ]);
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && console.contains("on 2 vCPUs"),
+        "{console}"
+    );
 }
 
 #[test]
