@@ -80,6 +80,16 @@ impl Vm {
         }
         let kvm_sys = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm_sys.create_vm().map_err(kvm("creating a VM"))?;
+        // The interrupt controllers and timer live in the kernel (PIC, IOAPIC, LAPICs, PIT),
+        // as Linux guests expect; the guest kit runs with interrupts off and never sees them.
+        fd.create_irq_chip()
+            .map_err(kvm("creating the in-kernel irqchip"))?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(kvm("creating the in-kernel PIT"))?;
         let len = usize::try_from(ram).map_err(|_| VmError::RamSize(ram))?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)])
             .map_err(|e| VmError::Map(ram, e))?;
@@ -141,6 +151,13 @@ impl Vm {
                 vcpu.set_sregs(&sregs).map_err(kvm("setting long mode"))?;
                 vcpu.set_fpu(&x86::initial_fpu())
                     .map_err(kvm("setting the FPU"))?;
+                // With the in-kernel LAPIC, every vCPU but the first waits for INIT and SIPI;
+                // the guest kit has no code to send them, so all start runnable at the entry.
+                let runnable = kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                };
+                vcpu.set_mp_state(runnable)
+                    .map_err(kvm("making a vCPU runnable"))?;
                 let regs = x86::entry_regs(entry, self.ram, image_end, i, vcpus);
                 vcpu.set_regs(&regs).map_err(kvm("setting registers"))?;
                 Ok(vcpu)
