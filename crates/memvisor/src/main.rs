@@ -223,11 +223,7 @@ fn run_guest(
     image: Option<&std::path::Path>,
 ) -> Result<u8> {
     let path = match (guest, image) {
-        (Some(name), _) => {
-            let dir = vmm::kit::dir();
-            let target = dir.parent().unwrap_or(&dir).join("target/guest");
-            vmm::kit::build(name, &target)?
-        }
+        (Some(name), _) => vmm::kit::build(name, &vmm::kit::target_dir())?,
         (None, Some(p)) => p.to_path_buf(),
         (None, None) => bail!("name an image or --guest NAME"),
     };

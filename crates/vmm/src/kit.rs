@@ -26,6 +26,12 @@ pub fn dir() -> PathBuf {
     dir.canonicalize().unwrap_or(dir)
 }
 
+/// Where the kit is built by default: `target/guest` beside the repository's own target.
+pub fn target_dir() -> PathBuf {
+    let dir = dir();
+    dir.parent().unwrap_or(&dir).join("target/guest")
+}
+
 /// Builds the kit (release) into `target_dir` and returns the path of guest `name`.
 pub fn build(name: &str, target_dir: &Path) -> Result<PathBuf, KitError> {
     let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))

@@ -195,6 +195,12 @@ impl Vm {
     }
 }
 
+/// Locks `m` even if a vCPU thread panicked while holding it: the state it guards (console,
+/// thread list, outcome) stays meaningful, and the panic is reported as the VM's error.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The most vCPUs a guest-kit VM has: the kit's stacks are 64 KiB each in the top MiB of RAM.
 pub const MAX_VCPUS: u8 = 16;
 
@@ -242,29 +248,25 @@ impl Stop {
         }
     }
 
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn stopping(&self) -> bool {
         self.flag.load(Ordering::Acquire)
     }
 
     fn enter(&self, i: usize) {
         // SAFETY: pthread_self has no preconditions.
-        Self::lock(&self.threads)[i] = Thread::Running(unsafe { libc::pthread_self() });
+        lock(&self.threads)[i] = Thread::Running(unsafe { libc::pthread_self() });
     }
 
     /// Called by a vCPU thread as it leaves: `ended` is how it ended the VM, or None when it
     /// was stopped because another vCPU ended it.
     fn leave(&self, i: usize, ended: Option<Result<Exit, VmError>>) {
         if let Some(e) = ended {
-            let mut slot = Self::lock(&self.ended);
+            let mut slot = lock(&self.ended);
             if slot.is_none() {
                 *slot = Some(e);
             }
         }
-        let mut threads = Self::lock(&self.threads);
+        let mut threads = lock(&self.threads);
         threads[i] = Thread::Left;
         self.flag.store(true, Ordering::Release);
         self.changed.notify_all();
@@ -272,7 +274,7 @@ impl Stop {
 
     /// Waits for the first vCPU to end the VM, then signals the others until all have left.
     fn kick_until_all_left(&self) {
-        let mut threads = Self::lock(&self.threads);
+        let mut threads = lock(&self.threads);
         while threads.iter().any(|t| *t != Thread::Left) {
             if !self.stopping() {
                 threads = self
@@ -298,7 +300,7 @@ impl Stop {
     }
 
     fn outcome(&self) -> Result<Exit, VmError> {
-        Self::lock(&self.ended).take().unwrap_or(Ok(Exit::Halt))
+        lock(&self.ended).take().unwrap_or(Ok(Exit::Halt))
     }
 }
 
@@ -332,11 +334,7 @@ fn run_vcpu<W: Write>(
     ports: &Mutex<Ports<W>>,
     stop: &Stop,
 ) -> Option<Result<Exit, VmError>> {
-    let ports = || {
-        ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
+    let ports = || lock(ports);
     loop {
         if stop.stopping() {
             return None;

@@ -9,7 +9,7 @@ use vmm::{Exit, Vm, VmError};
 fn image(name: &str) -> Vec<u8> {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guest");
+        let target = vmm::kit::target_dir();
         vmm::kit::build("memtest", &target).expect("guest kit builds");
         target
     });
