@@ -9,8 +9,10 @@
 
 pub mod devices;
 pub mod kit;
+pub mod linux;
 pub mod loader;
 mod vm;
 pub mod x86;
 
+pub use linux::{LinuxBoot, LinuxError};
 pub use vm::{Exit, Vm, VmError};

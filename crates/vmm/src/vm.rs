@@ -1,14 +1,17 @@
 //! A VM on /dev/kvm: its guest RAM, its vCPU, and the loop that serves the vCPU's exits.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{PortAction, Ports};
+use crate::devices::{IrqLine, PortAction, Ports};
+use crate::linux::{self, LinuxBoot, LinuxError};
 use crate::loader::{self, LoadError};
 use crate::x86;
 
@@ -36,6 +39,15 @@ pub enum VmError {
     /// the guest image could not be loaded
     #[error("loading the guest image")]
     Load(#[from] LoadError),
+    /// the Linux kernel could not be set up
+    #[error("setting up the Linux boot")]
+    Linux(#[from] LinuxError),
+    /// KVM would not set an MSR
+    #[error("KVM refused to set MSR {0:#x}")]
+    Msr(u32),
+    /// the console's interrupt could not be wired
+    #[error("wiring the serial console's interrupt")]
+    SerialIrq(#[source] std::io::Error),
     /// the guest stopped in a way that is not an exit
     #[error("guest stopped: {what} (vCPU {vcpu}; {regs})")]
     Guest {
@@ -57,6 +69,10 @@ pub enum Exit {
     Reset,
     /// It halted with nothing to wake it.
     Halt,
+    /// Linux panicked (its console said so) and then reset.
+    Panic,
+    /// The person at the console typed Ctrl-A x.
+    Quit,
 }
 
 /// A VM: guest RAM mapped into KVM, ready to boot an image.
@@ -130,6 +146,17 @@ impl Vm {
         vcpus: u8,
         console: W,
     ) -> Result<(Exit, W), VmError> {
+        self.run_image_with_input(image, vcpus, console, None)
+    }
+
+    /// [`Vm::run_image`] with console input read from `input` (see [`Vm::run_linux`]).
+    pub fn run_image_with_input<W: Write + Send>(
+        &self,
+        image: &[u8],
+        vcpus: u8,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+    ) -> Result<(Exit, W), VmError> {
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(VmError::Vcpus(vcpus));
         }
@@ -163,10 +190,80 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
+        self.run_vcpus(fds, console, input)
+    }
+
+    /// Boots Linux (a bzImage or ELF vmlinux, an initrd, a command line) on `vcpus` vCPUs (1
+    /// to 16) with the 64-bit boot protocol and an MP table, and runs it until it resets,
+    /// panics or a vCPU fails. The console (16550 on COM1, IRQ 4) is written to `console`;
+    /// bytes read from `input`, when given, are typed into it, and Ctrl-A x there ends the VM.
+    pub fn run_linux<W: Write + Send>(
+        &self,
+        boot: &LinuxBoot,
+        vcpus: u8,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+    ) -> Result<(Exit, W), VmError> {
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(VmError::Vcpus(vcpus));
+        }
+        let loaded = linux::load(&self.mem, self.ram, boot, vcpus)?;
+        let base = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("reporting supported CPUID"))?;
+        let msrs = linux::msrs();
+        let fds = (0..vcpus)
+            .map(|i| {
+                let vcpu = self
+                    .fd
+                    .create_vcpu(u64::from(i))
+                    .map_err(kvm("creating a vCPU"))?;
+                vcpu.set_cpuid2(&linux::cpuid_for(&base, i, vcpus))
+                    .map_err(kvm("setting CPUID"))?;
+                let set = vcpu.set_msrs(&msrs).map_err(kvm("setting MSRs"))?;
+                if let Some(refused) = msrs.as_slice().get(set) {
+                    return Err(VmError::Msr(refused.index));
+                }
+                let lapic = vcpu.get_lapic().map_err(kvm("reading the LAPIC"))?;
+                vcpu.set_lapic(&linux::lapic(lapic))
+                    .map_err(kvm("setting the LAPIC"))?;
+                vcpu.set_fpu(&x86::initial_fpu())
+                    .map_err(kvm("setting the FPU"))?;
+                // The others wait in the in-kernel LAPIC for the boot CPU's INIT and SIPI.
+                if i == 0 {
+                    let mut sregs = vcpu.get_sregs().map_err(kvm("reading special registers"))?;
+                    linux::sregs(&mut sregs);
+                    vcpu.set_sregs(&sregs).map_err(kvm("setting long mode"))?;
+                    vcpu.set_regs(&linux::regs(loaded))
+                        .map_err(kvm("setting registers"))?;
+                }
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<VcpuFd>, VmError>>()?;
+        self.run_vcpus(fds, console, input)
+    }
+
+    /// Runs `fds`, each on a thread, until one ends the VM, then stops the rest.
+    fn run_vcpus<W: Write + Send>(
+        &self,
+        fds: Vec<VcpuFd>,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+    ) -> Result<(Exit, W), VmError> {
         register_kick_signal();
-        let ports = Mutex::new(Ports::new(console));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::SerialIrq)?;
+        self.fd
+            .register_irqfd(&irq, SERIAL_IRQ)
+            .map_err(kvm("wiring the serial IRQ"))?;
+        let line = IrqLine::new(Some(irq.try_clone().map_err(VmError::SerialIrq)?));
+        let ports = Mutex::new(Ports::new(console, line));
         let stop = Stop::new(fds.len());
         std::thread::scope(|s| {
+            if let Some(fd) = input {
+                let (ports, stop) = (&ports, &stop);
+                s.spawn(move || forward_input(fd, ports, stop));
+            }
             for (i, mut vcpu) in fds.into_iter().enumerate() {
                 let (ports, stop) = (&ports, &stop);
                 s.spawn(move || {
@@ -187,11 +284,17 @@ impl Vm {
             }
             stop.kick_until_all_left();
         });
+        // The VM is over; a failure to unwire is harmless (the VM's fd closes with it).
+        let _ = self.fd.unregister_irqfd(&irq, SERIAL_IRQ);
         let exit = stop.outcome()?;
-        let console = ports
+        let ports = ports
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok((exit, console.take_console()))
+        let exit = match exit {
+            Exit::Reset if ports.panicked() => Exit::Panic,
+            e => e,
+        };
+        Ok((exit, ports.take_console()))
     }
 }
 
@@ -201,8 +304,61 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The most vCPUs a guest-kit VM has: the kit's stacks are 64 KiB each in the top MiB of RAM.
+/// The most vCPUs a VM has: the kit's stacks are 64 KiB each in the top MiB of RAM.
 pub const MAX_VCPUS: u8 = 16;
+
+/// COM1's ISA interrupt.
+const SERIAL_IRQ: u32 = 4;
+
+/// Types what `fd` gives into the console, until the VM stops or `fd` ends. Ctrl-A x ends
+/// the VM (as in QEMU); Ctrl-A Ctrl-A types one Ctrl-A.
+fn forward_input<W: Write>(fd: BorrowedFd<'_>, ports: &Mutex<Ports<W>>, stop: &Stop) {
+    const CTRL_A: u8 = 1;
+    let mut escaped = false;
+    let mut buf = [0u8; 256];
+    while !stop.stopping() {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the length given; the timeout bounds the wait so that
+        // the thread sees the VM stop.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, 50) };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: reads into `buf`, which is writable for its whole length.
+        let got = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let Ok(got @ 1..) = usize::try_from(got) else {
+            return; // end of input, or an error: the console stays output-only
+        };
+        let mut typed = Vec::with_capacity(got);
+        for &b in &buf[..got] {
+            match (escaped, b) {
+                (false, CTRL_A) => escaped = true,
+                (true, b'x') => {
+                    stop.end(Ok(Exit::Quit));
+                    return;
+                }
+                (true, _) => {
+                    escaped = false;
+                    typed.push(b);
+                }
+                (false, _) => typed.push(b),
+            }
+        }
+        let mut rest = &typed[..];
+        while !rest.is_empty() && !stop.stopping() {
+            let n = lock(ports).input(rest);
+            rest = &rest[n..];
+            if !rest.is_empty() {
+                // The UART's FIFO is full: wait for the guest to read.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -255,6 +411,19 @@ impl Stop {
     fn enter(&self, i: usize) {
         // SAFETY: pthread_self has no preconditions.
         lock(&self.threads)[i] = Thread::Running(unsafe { libc::pthread_self() });
+    }
+
+    /// Ends the VM from outside the vCPUs (the console's Ctrl-A x), unless it has ended.
+    fn end(&self, how: Result<Exit, VmError>) {
+        {
+            let mut slot = lock(&self.ended);
+            if slot.is_none() {
+                *slot = Some(how);
+            }
+        }
+        let _threads = lock(&self.threads);
+        self.flag.store(true, Ordering::Release);
+        self.changed.notify_all();
     }
 
     /// Called by a vCPU thread as it leaves: `ended` is how it ended the VM, or None when it

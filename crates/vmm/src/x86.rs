@@ -64,14 +64,25 @@ pub fn write_tables(mem: &GuestMemoryMmap, ram: u64) -> Result<(), vm_memory::Gu
     )?;
     mem.write_slice(&[0u8; 8192], GuestAddress(TSS_ADDR + IOMAP_BASE))?;
     mem.write_obj(0xffu8, GuestAddress(TSS_ADDR + TSS_LIMIT))?;
-    mem.write_obj(PDPT_ADDR | P | RW | US, GuestAddress(PML4_ADDR))?;
+    write_identity_map(mem, ram, true)
+}
+
+/// Writes identity page tables for the first `ram` bytes (at most 4 GiB) with 2 MiB pages,
+/// user-accessible when `user` (the guest kit runs in ring 3) or not (a kernel).
+pub fn write_identity_map(
+    mem: &GuestMemoryMmap,
+    ram: u64,
+    user: bool,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let us = if user { US } else { 0 };
+    mem.write_obj(PDPT_ADDR | P | RW | us, GuestAddress(PML4_ADDR))?;
     let gibs = ram.div_ceil(1 << 30).min(MAX_RAM >> 30);
     for g in 0..gibs {
         let pd = PD_ADDR + g * 0x1000;
-        mem.write_obj(pd | P | RW | US, GuestAddress(PDPT_ADDR + 8 * g))?;
+        mem.write_obj(pd | P | RW | us, GuestAddress(PDPT_ADDR + 8 * g))?;
         for i in 0..512u64 {
             let page = (g << 30) | (i << 21);
-            mem.write_obj(page | P | RW | US | PS, GuestAddress(pd + 8 * i))?;
+            mem.write_obj(page | P | RW | us | PS, GuestAddress(pd + 8 * i))?;
         }
     }
     Ok(())

@@ -79,3 +79,65 @@ fn bad_images_and_sizes_are_refused_clearly() {
         "{e}"
     );
 }
+
+#[test]
+fn console_input_reaches_the_guest_and_ctrl_a_x_quits() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    // More than the UART's 64-byte FIFO: the rest must wait for the guest to read, not drop.
+    let long = "x".repeat(100);
+    let typed = format!("hello\n{long}\nworld\n\x04");
+    writer.write_all(typed.as_bytes()).unwrap();
+    let vm = Vm::new(8 << 20).unwrap();
+    let (exit, console) = vm
+        .run_image_with_input(&image("echo"), 1, Vec::new(), Some(reader.as_fd()))
+        .unwrap();
+    let console = String::from_utf8(console).unwrap();
+    assert_eq!(exit, Exit::Status(3), "console:\n{console}");
+    assert!(
+        console.contains("echo: hello\n")
+            && console.contains(&format!("echo: {long}\n"))
+            && console.contains("echo: world\n"),
+        "{console}"
+    );
+
+    // Ctrl-A x ends a guest that would otherwise wait for input for ever; Ctrl-A Ctrl-A types
+    // one Ctrl-A, which the guest echoes. The quit is typed once the echo is seen.
+    writer.write_all(b"a\x01\x01b\n").unwrap();
+    let seen = Shared::default();
+    let vm = Vm::new(8 << 20).unwrap();
+    let exit = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !seen.text().contains("echo: a\u{1}b\n") {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            writer.write_all(b"\x01x").unwrap();
+        });
+        vm.run_image_with_input(&image("echo"), 1, seen.clone(), Some(reader.as_fd()))
+            .unwrap()
+            .0
+    });
+    assert_eq!(exit, Exit::Quit, "{}", seen.text());
+}
+
+/// A console that the test can read while the guest writes it.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

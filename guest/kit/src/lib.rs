@@ -34,11 +34,33 @@ fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) }
 }
 
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: `in` only reaches the VMM (IOPL 3 makes it legal in ring 3); no memory effect.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) }
+    value
+}
+
+/// Waits for a byte typed on the console and returns it (polls the UART's line status:
+/// interrupts are off in the kit).
+pub fn read_byte() -> u8 {
+    // Line status register, bit 0: data ready.
+    while inb(COM1 + 5) & 1 == 0 {
+        core::hint::spin_loop();
+    }
+    inb(COM1)
+}
+
 /// Writes `s` to the console.
 pub fn print(s: &str) {
     for b in s.bytes() {
         outb(COM1, b);
     }
+}
+
+/// Writes one byte to the console.
+pub fn print_byte(b: u8) {
+    outb(COM1, b);
 }
 
 /// Writes `v` in decimal to the console.
