@@ -6,7 +6,9 @@ mod alloc;
 mod analyze;
 mod bench;
 mod demo;
+mod images;
 mod input;
+mod nested;
 mod zram;
 
 use std::io::IsTerminal;
@@ -51,8 +53,9 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
-    /// Boots a guest on /dev/kvm: an image of the guest kit (see guest/) or a static ELF64
-    /// executable, its console on stdout; exits with the guest's status.
+    /// Boots a guest on /dev/kvm: a program of the guest kit (see guest/), a static ELF64
+    /// executable, or Linux (a bzImage or vmlinux); its console on stdout and, when stdin is
+    /// a terminal, typed from it (Ctrl-A x quits); exits with the guest's status.
     Run {
         /// Guest RAM, in bytes or with a K, M or G suffix.
         #[arg(long, default_value = "256M")]
@@ -61,11 +64,58 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
         /// A program of the guest kit (memtest, fault), built on first use.
-        #[arg(long, conflicts_with = "image")]
+        #[arg(long, conflicts_with_all = ["image", "kernel", "linux"])]
         guest: Option<String>,
-        /// A guest image file.
-        #[arg(required_unless_present = "guest")]
+        /// A Linux kernel: a bzImage or an ELF vmlinux.
+        #[arg(long, conflicts_with_all = ["image", "linux"])]
+        kernel: Option<std::path::PathBuf>,
+        /// The initramfs for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<std::path::PathBuf>,
+        /// Debian's kernel with a busybox initramfs, from Debian's packages (fetched and cached
+        /// on first use; see `memvisor images`).
+        #[arg(long, conflicts_with = "image")]
+        linux: bool,
+        /// With --linux: boot the ELF vmlinux unpacked from Debian's bzImage.
+        #[arg(long, requires = "linux")]
+        elf: bool,
+        /// The kernel command line, replacing the default (see docs/vmm.md).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// More kernel command line, after the default.
+        #[arg(long)]
+        append: Option<String>,
+        /// A guest image file (a static ELF64 executable).
+        #[arg(required_unless_present_any = ["guest", "kernel", "linux"])]
         image: Option<std::path::PathBuf>,
+        /// For Linux: a command that the busybox initramfs runs in place of a shell (it goes
+        /// after `--` on the kernel command line); its status becomes memvisor's.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Guest images from Debian's packages: fetch, unpack and cache them, and print where.
+    Images,
+    /// Linux under memvisor on hardware-style KVM: boots QEMU's TCG emulator with emulated
+    /// AMD SVM, loads kvm-amd in it, and runs `memvisor run` on Debian's kernel there.
+    Nested {
+        /// The inner guest's vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// The inner guest's RAM.
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// Boot the ELF vmlinux unpacked from Debian's bzImage, not the bzImage.
+        #[arg(long)]
+        elf: bool,
+        /// The outer (QEMU) guest's RAM, in MiB.
+        #[arg(long, default_value_t = 1536)]
+        outer_memory: u32,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The command the inner Linux runs.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// The main job: real programs' memory analyzed and benchmarked, nothing to configure.
     Demo {
@@ -215,30 +265,78 @@ fn parse_size(s: &str) -> Result<u64> {
         .with_context(|| format!("--memory {s}: too large"))
 }
 
+/// What `memvisor run` boots.
+enum Boot {
+    Image(std::path::PathBuf),
+    Linux(vmm::LinuxBoot),
+}
+
+/// The kernel command line for `memvisor run`: the default or `--cmdline`, then `--append`,
+/// then the command after ` -- ` (which Linux hands to init as its arguments).
+fn kernel_cmdline(
+    cmdline: Option<&str>,
+    append: Option<&str>,
+    command: &[String],
+) -> Result<String> {
+    let mut line = cmdline.unwrap_or(vmm::linux::DEFAULT_CMDLINE).to_owned();
+    if let Some(a) = append {
+        line.push(' ');
+        line.push_str(a);
+    }
+    if !command.is_empty() {
+        line.push_str(" --");
+        for arg in command {
+            if arg.contains('"') || arg.is_empty() {
+                bail!(
+                    "the guest command's argument {arg:?} cannot be passed on a kernel command line (no double quotes, not empty)"
+                );
+            }
+            if arg.contains(char::is_whitespace) {
+                line.push_str(&format!(" \"{arg}\""));
+            } else {
+                line.push(' ');
+                line.push_str(arg);
+            }
+        }
+    }
+    Ok(line)
+}
+
 /// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
-fn run_guest(
-    memory: &str,
-    vcpus: u8,
-    guest: Option<&str>,
-    image: Option<&std::path::Path>,
-) -> Result<u8> {
-    let path = match (guest, image) {
-        (Some(name), _) => vmm::kit::build(name, &vmm::kit::target_dir())?,
-        (None, Some(p)) => p.to_path_buf(),
-        (None, None) => bail!("name an image or --guest NAME"),
-    };
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
+    use std::os::fd::AsFd;
+    use vmm_sys_util::terminal::Terminal;
+
     let vm = vmm::Vm::new(parse_size(memory)?)?;
+    let stdin = std::io::stdin();
+    // A terminal is put in raw mode, so keys reach the guest as typed, and restored after.
+    let tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
     let start = std::time::Instant::now();
-    let (exit, _) = vm.run_image(&bytes, vcpus, std::io::stdout())?;
+    let input = tty.then(|| stdin.as_fd());
+    let (what, result) = match boot {
+        Boot::Image(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let r = vm.run_image_with_input(&bytes, vcpus, std::io::stdout(), input);
+            (path.display().to_string(), r)
+        }
+        Boot::Linux(linux) => {
+            let r = vm.run_linux(linux, vcpus, std::io::stdout(), input);
+            (linux.kernel.display().to_string(), r)
+        }
+    };
+    if tty {
+        let _ = stdin.lock().set_canon_mode();
+    }
+    let (exit, _) = result?;
     eprintln!(
-        "memvisor: guest {} after {:.3} s: {exit:?}",
-        path.display(),
+        "memvisor: guest {what} after {:.3} s: {exit:?}",
         start.elapsed().as_secs_f64()
     );
     Ok(match exit {
         vmm::Exit::Status(s) => s,
-        vmm::Exit::Reset | vmm::Exit::Halt => 0,
+        vmm::Exit::Reset | vmm::Exit::Halt | vmm::Exit::Quit => 0,
+        vmm::Exit::Panic => bail!("the guest kernel panicked (its console above says why)"),
     })
 }
 
@@ -284,10 +382,77 @@ fn run(cli: Cli) -> Result<()> {
             memory,
             vcpus,
             guest,
+            kernel,
+            initrd,
+            linux,
+            cmdline,
+            append,
             image,
+            command,
+            elf,
         } => {
-            let status = run_guest(&memory, vcpus, guest.as_deref(), image.as_deref())?;
+            let linux_boot = |kernel, initrd| -> Result<Boot> {
+                Ok(Boot::Linux(vmm::LinuxBoot {
+                    kernel,
+                    initrd,
+                    cmdline: kernel_cmdline(cmdline.as_deref(), append.as_deref(), &command)?,
+                }))
+            };
+            let boot = match (guest, kernel, linux, image) {
+                (Some(name), ..) => Boot::Image(vmm::kit::build(&name, &vmm::kit::target_dir())?),
+                (None, Some(k), ..) => linux_boot(k, initrd)?,
+                (None, None, true, _) => {
+                    let d = images::debian()?;
+                    linux_boot(if elf { d.vmlinux } else { d.vmlinuz }, Some(d.initrd))?
+                }
+                (None, None, false, Some(p)) => Boot::Image(p),
+                (None, None, false, None) => {
+                    bail!("name an image, --guest NAME, --kernel or --linux")
+                }
+            };
+            if matches!(boot, Boot::Image(_)) && !command.is_empty() {
+                bail!("a command after -- is for Linux guests (--kernel or --linux)");
+            }
+            let status = run_guest(&memory, vcpus, &boot)?;
             std::process::exit(i32::from(status));
+        }
+        Cmd::Images => {
+            let d = images::debian()?;
+            println!("kernel    {} ({})", d.vmlinuz.display(), d.kernel_version);
+            println!("vmlinux   {}", d.vmlinux.display());
+            println!("initrd    {}", d.initrd.display());
+            println!("busybox   {}", d.busybox.display());
+            for m in &d.modules {
+                println!("module    {}", m.display());
+            }
+        }
+        Cmd::Nested {
+            vcpus,
+            memory,
+            outer_memory,
+            timeout,
+            command,
+            elf,
+        } => {
+            let job = nested::Nested {
+                elf,
+                vcpus,
+                memory,
+                outer_mib: outer_memory,
+                timeout: std::time::Duration::from_secs(timeout),
+                command,
+                echo: true,
+            };
+            let out = nested::run(&job)?;
+            eprintln!(
+                "memvisor: nested run took {:.1} s; memvisor inside exited with {:?}",
+                out.elapsed.as_secs_f64(),
+                out.status
+            );
+            let Some(status) = out.status else {
+                bail!("memvisor inside the outer guest reported no exit status (console above)");
+            };
+            std::process::exit(status);
         }
     }
     Ok(())

@@ -1,0 +1,248 @@
+//! The nested harness: memvisor booting unmodified Linux on hardware-style KVM, here.
+//!
+//! /dev/kvm on these machines is KVM's PVM backend, under which a Linux kernel cannot finish
+//! booting (docs/vmm.md). QEMU's TCG emulator with `-cpu max` emulates AMD SVM with nested
+//! paging, so a Debian kernel inside QEMU loads kvm-amd and gets a hardware-style /dev/kvm.
+//! The harness builds an outer initramfs (busybox, the KVM modules, this very memvisor
+//! binary with its shared libraries, and the inner guest: Debian's kernel and the busybox
+//! initramfs), boots it in QEMU, and has the outer guest run `memvisor run` on the inner
+//! Linux; it returns memvisor's exit status and the whole console.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::images::{self, Cpio, KVM_MODULES};
+
+/// What the outer guest runs.
+#[derive(Debug, Clone)]
+pub struct Nested {
+    /// The inner guest's vCPUs.
+    pub vcpus: u8,
+    /// The inner guest's RAM, as `memvisor run --memory` takes it.
+    pub memory: String,
+    /// The outer guest's RAM in MiB.
+    pub outer_mib: u32,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// The command the inner guest runs (after `--` on its kernel command line). With none,
+    /// the inner guest starts a shell, and this process's stdin is its keyboard (through
+    /// QEMU's serial line, the outer console and memvisor's console input).
+    pub command: Vec<String>,
+    /// Boot the ELF vmlinux instead of the bzImage.
+    pub elf: bool,
+    /// Copy the console to stdout as it arrives.
+    pub echo: bool,
+}
+
+/// How a nested run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// memvisor's exit status inside the outer guest; None if it never reported one.
+    pub status: Option<i32>,
+    /// Wall time of the whole QEMU run.
+    pub elapsed: Duration,
+}
+
+/// The line the outer init prints after memvisor exits.
+const STATUS_MARK: &str = "memvisor-nested: exit ";
+
+const OUTER_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in MODULES; do
+    insmod /modules/$m.ko || echo "memvisor-nested: insmod $m failed"
+done
+if [ -e /dev/kvm ]; then
+    echo "memvisor-nested: /dev/kvm is up: $(grep -o -w -m1 -e svm -e npt /proc/cpuinfo | tr '\n' ' ')"
+    . /job
+    /memvisor "$@"
+    echo "memvisor-nested: exit $?"
+else
+    echo "memvisor-nested: the outer guest has no /dev/kvm"
+fi
+poweroff -f
+"#;
+
+/// Quotes `s` for the outer guest's shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The shared libraries `exe` loads, with the dynamic loader, as absolute paths.
+fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(exe)
+        .output()
+        .context("running ldd (from libc-bin) to find memvisor's libraries")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        return Ok(Vec::new());
+    }
+    let libs: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    if libs.is_empty() {
+        bail!("ldd found no libraries for {}: {text}", exe.display());
+    }
+    Ok(libs)
+}
+
+/// The outer initramfs for `job`.
+fn outer_initramfs(deb: &images::Debian, job: &Nested) -> Result<Vec<u8>> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut c = Cpio::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "modules", "inner"] {
+        c.dir(d);
+    }
+    c.file("bin/busybox", 0o755, &read(&deb.busybox)?);
+    for (name, path) in KVM_MODULES.iter().zip(&deb.modules) {
+        c.file(&format!("modules/{name}.ko"), 0o644, &read(path)?);
+    }
+    let exe = std::env::current_exe().context("finding memvisor's own binary")?;
+    c.file("memvisor", 0o755, &read(&exe)?);
+    for lib in shared_libraries(&exe)? {
+        // The loader's path is often a symlink (/lib64/ld-linux-x86-64.so.2): the file's
+        // contents go under the path the binary names.
+        let rel = lib.to_string_lossy().trim_start_matches('/').to_owned();
+        c.file_with_parents(&rel, 0o755, &read(&lib)?);
+    }
+    let kernel = if job.elf { &deb.vmlinux } else { &deb.vmlinuz };
+    c.file("inner/kernel", 0o644, &read(kernel)?);
+    c.file("inner/initrd.cpio", 0o644, &read(&deb.initrd)?);
+    let mut args = vec![
+        "run".to_owned(),
+        "--kernel".into(),
+        "/inner/kernel".into(),
+        "--initrd".into(),
+        "/inner/initrd.cpio".into(),
+        "--vcpus".into(),
+        job.vcpus.to_string(),
+        "--memory".into(),
+        job.memory.clone(),
+    ];
+    if !job.command.is_empty() {
+        args.push("--".into());
+        args.extend(job.command.iter().cloned());
+    }
+    let quoted: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
+    c.file(
+        "job",
+        0o644,
+        format!("set -- {}\n", quoted.join(" ")).as_bytes(),
+    );
+    c.file(
+        "init",
+        0o755,
+        OUTER_INIT
+            .replace("MODULES", &KVM_MODULES.join(" "))
+            .as_bytes(),
+    );
+    Ok(c.finish())
+}
+
+/// Runs `job` in QEMU and returns how it ended.
+pub fn run(job: &Nested) -> Result<Outcome> {
+    let deb = images::debian()?;
+    let cpio = outer_initramfs(&deb, job)?;
+    let dir = images::cache_dir().join("nested");
+    std::fs::create_dir_all(&dir)?;
+    let initrd = dir.join(format!("outer-{}.cpio", std::process::id()));
+    std::fs::write(&initrd, cpio)?;
+    let start = Instant::now();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-machine", "q35"])
+        .args(["-m", &job.outer_mib.to_string(), "-smp", "2"])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        .args(["-monitor", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&deb.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(if job.command.is_empty() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&initrd);
+            return Err(e).context(
+                "starting qemu-system-x86_64: install it with `apt-get install qemu-system-x86`",
+            );
+        }
+    };
+    let stdout = child.stdout.take().expect("piped");
+    let echo = job.echo;
+    let reader = std::thread::spawn(move || {
+        let mut console = String::new();
+        let mut lines = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line);
+            if echo {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+            console.push_str(&text);
+            line.clear();
+        }
+        console
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if start.elapsed() > job.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let console = reader.join().unwrap_or_default();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let _ = std::fs::remove_file(&initrd);
+    let elapsed = start.elapsed();
+    let Some(qemu) = status else {
+        bail!(
+            "the nested run took longer than {} s; its console:\n{console}",
+            job.timeout.as_secs()
+        );
+    };
+    if !qemu.success() {
+        bail!(
+            "QEMU failed ({qemu}): {}\nconsole:\n{console}",
+            stderr.trim()
+        );
+    }
+    let status = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(STATUS_MARK))
+        .next_back()
+        .and_then(|s| s.trim().parse().ok());
+    Ok(Outcome { status, elapsed })
+}
