@@ -110,6 +110,10 @@ enum Cmd {
         /// The outer (QEMU) guest's RAM, in MiB.
         #[arg(long, default_value_t = 1536)]
         outer_memory: u32,
+        /// The outer (QEMU) guest's CPUs. One is the default: with two (QEMU's multi-threaded
+        /// TCG), an inner vCPU triple-faulted mid-boot in one run of 18 (docs/vmm.md).
+        #[arg(long, default_value_t = 1)]
+        outer_cpus: u8,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -430,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
             vcpus,
             memory,
             outer_memory,
+            outer_cpus,
             timeout,
             command,
             elf,
@@ -439,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
                 vcpus,
                 memory,
                 outer_mib: outer_memory,
+                outer_cpus,
                 timeout: std::time::Duration::from_secs(timeout),
                 command,
                 echo: true,

@@ -26,6 +26,8 @@ pub struct Nested {
     pub memory: String,
     /// The outer guest's RAM in MiB.
     pub outer_mib: u32,
+    /// The outer guest's CPUs (QEMU TCG threads).
+    pub outer_cpus: u8,
     /// Give up after this long.
     pub timeout: Duration,
     /// The command the inner guest runs (after `--` on its kernel command line). With none,
@@ -166,7 +168,8 @@ pub fn run(job: &Nested) -> Result<Outcome> {
     let start = Instant::now();
     let child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-machine", "q35"])
-        .args(["-m", &job.outer_mib.to_string(), "-smp", "2"])
+        .args(["-m", &job.outer_mib.to_string()])
+        .args(["-smp", &job.outer_cpus.to_string()])
         .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
         .args(["-monitor", "none", "-no-reboot"])
         .arg("-kernel")
