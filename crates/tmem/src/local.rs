@@ -1,0 +1,249 @@
+//! The local backend: pages held in memvisor's pagestore (zero, shared, patched, compressed,
+//! raw), ephemeral pages evicted least-recently-used first across every client, persistent
+//! pages refused once a capacity is reached.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::{HashMap, HashSet};
+use lru::LruCache;
+use pagestore::{PageId, PageStore, StoreError};
+use parking_lot::Mutex;
+
+use crate::{Backend, Key, Kind, Oid, Page, Put, TmemError, Usage};
+
+/// Pages in the pagestore, indexed by key.
+pub struct LocalBackend {
+    store: PageStore,
+    index: Mutex<Index>,
+    ephemeral_cap: usize,
+    persistent_cap: usize,
+    evictions: AtomicU64,
+}
+
+impl std::fmt::Debug for LocalBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBackend")
+            .field("ephemeral_cap", &self.ephemeral_cap)
+            .field("persistent_cap", &self.persistent_cap)
+            .finish_non_exhaustive()
+    }
+}
+
+type ObjectKey = (u128, Kind, Oid);
+
+struct Index {
+    /// Ephemeral pages, most recently used last: one order across all clients and pools, so
+    /// the coldest page anywhere goes first.
+    ephemeral: LruCache<Key, PageId>,
+    persistent: HashMap<Key, PageId>,
+    /// Each object's indices, for flush_object and flush_pool.
+    objects: HashMap<ObjectKey, HashSet<u32>>,
+}
+
+impl Index {
+    fn map_remove(&mut self, key: &Key) -> Option<PageId> {
+        let id = match key.kind {
+            Kind::Ephemeral => self.ephemeral.pop(key),
+            Kind::Persistent => self.persistent.remove(key),
+        }?;
+        let ok = (key.ns, key.kind, key.oid);
+        if let Some(set) = self.objects.get_mut(&ok) {
+            set.remove(&key.index);
+            if set.is_empty() {
+                self.objects.remove(&ok);
+            }
+        }
+        Some(id)
+    }
+}
+
+impl LocalBackend {
+    /// A backend over `store` holding at most `ephemeral_cap` ephemeral pages (the least
+    /// recently used go first) and `persistent_cap` persistent ones (puts beyond are refused).
+    pub fn new(store: PageStore, ephemeral_cap: usize, persistent_cap: usize) -> Self {
+        LocalBackend {
+            store,
+            index: Mutex::new(Index {
+                ephemeral: LruCache::unbounded(),
+                persistent: HashMap::new(),
+                objects: HashMap::new(),
+            }),
+            ephemeral_cap,
+            persistent_cap,
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// The page store underneath, for its statistics.
+    pub fn store(&self) -> &PageStore {
+        &self.store
+    }
+
+    fn release(&self, ids: impl IntoIterator<Item = PageId>) -> Result<(), TmemError> {
+        for id in ids {
+            self.store.remove(id)?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for LocalBackend {
+    fn name(&self) -> String {
+        "local".into()
+    }
+
+    fn supports(&self, _: Kind) -> bool {
+        true
+    }
+
+    fn put(&self, key: &Key, page: &Page) -> Result<Put, TmemError> {
+        // The expensive part (classify, compress) runs outside the index lock.
+        let id = self.store.insert(page)?;
+        let mut dropped = Vec::new();
+        let outcome = {
+            let mut ix = self.index.lock();
+            let old = match key.kind {
+                Kind::Ephemeral => ix.ephemeral.put(*key, id),
+                Kind::Persistent => {
+                    if !ix.persistent.contains_key(key)
+                        && ix.persistent.len() >= self.persistent_cap
+                    {
+                        drop(ix);
+                        self.release([id])?;
+                        return Ok(Put::Refused);
+                    }
+                    ix.persistent.insert(*key, id)
+                }
+            };
+            ix.objects
+                .entry((key.ns, key.kind, key.oid))
+                .or_default()
+                .insert(key.index);
+            if key.kind == Kind::Ephemeral {
+                while ix.ephemeral.len() > self.ephemeral_cap {
+                    let Some((k, victim)) = ix.ephemeral.pop_lru() else {
+                        break;
+                    };
+                    let ok = (k.ns, k.kind, k.oid);
+                    if let Some(set) = ix.objects.get_mut(&ok) {
+                        set.remove(&k.index);
+                        if set.is_empty() {
+                            ix.objects.remove(&ok);
+                        }
+                    }
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    dropped.push(victim);
+                }
+            }
+            dropped.extend(old);
+            // With a capacity of 0 the page itself was the victim: refused, and nothing old
+            // is left under the key.
+            if key.kind == Kind::Ephemeral && !ix.ephemeral.contains(key) {
+                Put::Refused
+            } else {
+                Put::Stored { new: old.is_none() }
+            }
+        };
+        self.release(dropped)?;
+        Ok(outcome)
+    }
+
+    fn get(&self, key: &Key, out: &mut Page, take: bool) -> Result<bool, TmemError> {
+        let id = {
+            let mut ix = self.index.lock();
+            if take {
+                ix.map_remove(key)
+            } else {
+                match key.kind {
+                    Kind::Ephemeral => ix.ephemeral.get(key).copied(),
+                    Kind::Persistent => ix.persistent.get(key).copied(),
+                }
+            }
+        };
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        match self.store.read(id, out) {
+            Ok(()) => {}
+            // Evicted or flushed by another thread between the lookup and the read: a miss,
+            // as if that had happened first.
+            Err(StoreError::UnknownPage(_)) if !take => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        if take {
+            self.store.remove(id)?;
+        }
+        Ok(true)
+    }
+
+    fn flush_page(&self, key: &Key) -> Result<bool, TmemError> {
+        let id = self.index.lock().map_remove(key);
+        let had = id.is_some();
+        self.release(id)?;
+        Ok(had)
+    }
+
+    fn flush_object(&self, ns: u128, kind: Kind, oid: &Oid) -> Result<Option<u64>, TmemError> {
+        let ids: Vec<PageId> = {
+            let mut ix = self.index.lock();
+            let indices = ix.objects.remove(&(ns, kind, *oid)).unwrap_or_default();
+            indices
+                .into_iter()
+                .filter_map(|index| {
+                    let key = Key {
+                        ns,
+                        kind,
+                        oid: *oid,
+                        index,
+                    };
+                    match kind {
+                        Kind::Ephemeral => ix.ephemeral.pop(&key),
+                        Kind::Persistent => ix.persistent.remove(&key),
+                    }
+                })
+                .collect()
+        };
+        let n = ids.len() as u64;
+        self.release(ids)?;
+        Ok(Some(n))
+    }
+
+    fn flush_pool(&self, ns: u128, kind: Kind) -> Result<(), TmemError> {
+        let oids: Vec<Oid> = self
+            .index
+            .lock()
+            .objects
+            .keys()
+            .filter(|(n, k, _)| *n == ns && *k == kind)
+            .map(|(_, _, o)| *o)
+            .collect();
+        for oid in oids {
+            self.flush_object(ns, kind, &oid)?;
+        }
+        Ok(())
+    }
+
+    fn pool_pages(&self, ns: u128, kind: Kind) -> Result<u64, TmemError> {
+        let ix = self.index.lock();
+        Ok(ix
+            .objects
+            .iter()
+            .filter(|((n, k, _), _)| *n == ns && *k == kind)
+            .map(|(_, set)| set.len() as u64)
+            .sum())
+    }
+
+    fn usage(&self) -> Result<Usage, TmemError> {
+        let ix = self.index.lock();
+        let pages = (ix.ephemeral.len() + ix.persistent.len()) as u64;
+        // The index itself: a key, an id and the LRU's links (or the table's slot) per page.
+        let index_bytes =
+            pages * (std::mem::size_of::<Key>() as u64 + 8 + 16) + ix.objects.len() as u64 * 64;
+        drop(ix);
+        Ok(Usage {
+            pages,
+            bytes: self.store.stats().held_bytes() + index_bytes,
+            evictions: self.evictions.load(Ordering::Relaxed),
+        })
+    }
+}
