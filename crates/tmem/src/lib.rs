@@ -14,12 +14,17 @@
 //! [`Tmem`] keeps those promises over any [`Backend`]: [`LocalBackend`] (the pagestore:
 //! dedup, patching, compression, LRU eviction across clients), [`MemcachedBackend`]
 //! (ephemeral pools only, since memcached evicts) and [`RedisBackend`] (persistent pools).
+//! [`server`] exposes it over a Unix socket and TCP with the binary protocol of [`proto`],
+//! and [`client`] speaks it.
 #![warn(missing_docs)]
 
+pub mod client;
 mod local;
 mod memcached;
 mod pools;
+pub mod proto;
 mod redis_backend;
+pub mod server;
 
 pub use local::LocalBackend;
 pub use memcached::MemcachedBackend;

@@ -1,0 +1,225 @@
+//! The tmem server: [`Tmem`] over Unix sockets and TCP, one thread per connection.
+//!
+//! Everything a client sends is untrusted: a frame that breaks the protocol gets an error
+//! reply and its connection closed; a request that fails (unknown pool, a limit) gets an error
+//! reply and the connection goes on. A client that disconnects, cleanly or mid-request, is
+//! disconnected from its pools; other clients' pages are untouched.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use crate::proto::{self, Op, Status};
+use crate::{ClientId, Kind, PAGE_SIZE, PoolFlags, PoolId, Tmem, TmemError};
+
+/// Serves `tmem` on a Unix socket at `path` until the process ends (a stale socket file is
+/// replaced). Returns once listening; connections are served on threads of their own.
+pub fn serve_unix(tmem: Arc<Tmem>, path: &std::path::Path) -> Result<(), TmemError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("tmem-unix".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let tmem = Arc::clone(&tmem);
+                let _ = std::thread::Builder::new()
+                    .name("tmem-conn".into())
+                    .spawn(move || {
+                        let r = conn.try_clone().map(|w| serve_conn(&tmem, conn, w));
+                        drop(r);
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+/// Serves `tmem` on TCP at `addr`; returns the bound address once listening.
+pub fn serve_tcp(tmem: Arc<Tmem>, addr: &str) -> Result<std::net::SocketAddr, TmemError> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("tmem-tcp".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_nodelay(true);
+                let tmem = Arc::clone(&tmem);
+                let _ = std::thread::Builder::new()
+                    .name("tmem-conn".into())
+                    .spawn(move || {
+                        let r = conn.try_clone().map(|w| serve_conn(&tmem, conn, w));
+                        drop(r);
+                    });
+            }
+        })?;
+    Ok(local)
+}
+
+/// Serves one connection until it closes or breaks the protocol; then the client leaves.
+pub fn serve_conn(tmem: &Tmem, r: impl Read, w: impl Write) {
+    let mut r = BufReader::with_capacity(2 * PAGE_SIZE, r);
+    let mut w = BufWriter::with_capacity(2 * PAGE_SIZE, w);
+    let mut body = Vec::with_capacity(PAGE_SIZE + 64);
+    let mut out = Vec::with_capacity(PAGE_SIZE + 64);
+    let mut wire = Vec::with_capacity(PAGE_SIZE + 64);
+    let mut client: Option<ClientId> = None;
+    loop {
+        let op = match proto::read_frame(&mut r, &mut body) {
+            Ok(Some(op)) => op,
+            Ok(None) => break,
+            Err(TmemError::Io(_)) => break, // gone mid-frame
+            Err(e) => {
+                let _ = reply_err(&mut w, &e.to_string(), &mut wire);
+                break;
+            }
+        };
+        let result = handle(tmem, &mut client, op, &body, &mut out);
+        let sent = match result {
+            Ok(status) => proto::write_frame(&mut w, status as u8, &[&out], &mut wire),
+            Err(Fatal(msg)) => {
+                let _ = reply_err(&mut w, &msg, &mut wire);
+                break;
+            }
+        }
+        .and_then(|()| w.flush().map_err(TmemError::from));
+        if sent.is_err() {
+            break;
+        }
+    }
+    if let Some(c) = client {
+        let _ = tmem.disconnect(c);
+    }
+}
+
+/// A request that ends its connection.
+struct Fatal(String);
+
+fn reply_err(w: &mut impl Write, msg: &str, wire: &mut Vec<u8>) -> Result<(), TmemError> {
+    let msg = &msg.as_bytes()[..msg.len().min(1024)];
+    proto::write_frame(w, Status::Error as u8, &[msg], wire)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Handles one request; fills `out` with the reply body and returns its status.
+fn handle(
+    tmem: &Tmem,
+    client: &mut Option<ClientId>,
+    op: u8,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Status, Fatal> {
+    out.clear();
+    let op = Op::from_u8(op).ok_or_else(|| Fatal(format!("unknown op {op}")))?;
+    if let Some(len) = proto::body_len(op)
+        && body.len() != len
+    {
+        return Err(Fatal(format!(
+            "{op:?} takes a body of {len} bytes, not {}",
+            body.len()
+        )));
+    }
+    let c = match (op, *client) {
+        (Op::Hello, None) => {
+            let name = std::str::from_utf8(body)
+                .ok()
+                .filter(|n| (1..=256).contains(&n.len()))
+                .ok_or_else(|| Fatal("HELLO needs a UTF-8 name of 1 to 256 bytes".into()))?;
+            return Ok(match tmem.connect(name) {
+                Ok(id) => {
+                    *client = Some(id);
+                    out.extend_from_slice(&id.0.to_le_bytes());
+                    Status::Ok
+                }
+                Err(e) => {
+                    out.extend_from_slice(e.to_string().as_bytes());
+                    Status::Error
+                }
+            });
+        }
+        (Op::Hello, Some(_)) => return Err(Fatal("HELLO twice".into())),
+        (_, None) => return Err(Fatal("HELLO first".into())),
+        (_, Some(c)) => c,
+    };
+    let result = match op {
+        Op::Hello => unreachable!("handled above"),
+        Op::NewPool => {
+            let flags = PoolFlags {
+                kind: if body[0] & 1 != 0 {
+                    Kind::Persistent
+                } else {
+                    Kind::Ephemeral
+                },
+                shared: body[0] & 2 != 0,
+            };
+            let uuid = u128::from_le_bytes(body[1..17].try_into().expect("16 bytes"));
+            tmem.new_pool(c, flags, uuid).map(|p| {
+                out.extend_from_slice(&p.0.to_le_bytes());
+                true
+            })
+        }
+        Op::DestroyPool => {
+            let pool = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+            tmem.destroy_pool(c, PoolId(pool)).map(|()| true)
+        }
+        Op::Put => {
+            let (pool, oid, index) = proto::decode_key(body);
+            let page = body[proto::KEY_LEN..].try_into().expect("a page");
+            tmem.put(c, PoolId(pool), oid, index, page)
+        }
+        Op::Get => {
+            let (pool, oid, index) = proto::decode_key(body);
+            let mut page = [0u8; PAGE_SIZE];
+            tmem.get(c, PoolId(pool), oid, index, &mut page)
+                .inspect(|&hit| {
+                    if hit {
+                        out.extend_from_slice(&page);
+                    }
+                })
+        }
+        Op::FlushPage => {
+            let (pool, oid, index) = proto::decode_key(body);
+            tmem.flush_page(c, PoolId(pool), oid, index)
+        }
+        Op::FlushObject => {
+            let (pool, oid, _) = proto::decode_key(&[body, &[0; 4]].concat());
+            tmem.flush_object(c, PoolId(pool), oid).map(|()| true)
+        }
+        Op::Stats => tmem.stats().map(|s| {
+            for v in [
+                s.clients,
+                s.pools,
+                s.puts,
+                s.puts_refused,
+                s.gets,
+                s.hits,
+                s.flushes,
+                s.ephemeral.pages,
+                s.ephemeral.bytes,
+                s.ephemeral.evictions,
+                s.persistent.pages,
+                s.persistent.bytes,
+                s.persistent.evictions,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            true
+        }),
+    };
+    Ok(match result {
+        Ok(true) => Status::Ok,
+        Ok(false) => Status::No,
+        Err(e) => {
+            out.clear();
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            out.extend_from_slice(msg.as_bytes());
+            Status::Error
+        }
+    })
+}
