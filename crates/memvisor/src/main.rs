@@ -9,6 +9,7 @@ mod demo;
 mod images;
 mod input;
 mod nested;
+mod tmem_cmd;
 mod zram;
 
 use std::io::IsTerminal;
@@ -95,6 +96,11 @@ enum Cmd {
     },
     /// Guest images from Debian's packages: fetch, unpack and cache them, and print where.
     Images,
+    /// Transcendent memory: page pools served to any program (docs/tmem.md).
+    Tmem {
+        #[command(subcommand)]
+        what: TmemCmd,
+    },
     /// Linux under memvisor on hardware-style KVM: boots QEMU's TCG emulator with emulated
     /// AMD SVM, loads kvm-amd in it, and runs `memvisor run` on Debian's kernel there.
     Nested {
@@ -130,7 +136,69 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum TmemCmd {
+    /// Serves tmem pools over a Unix socket and/or TCP until killed.
+    Serve {
+        /// A Unix socket to listen on.
+        #[arg(long)]
+        unix: Option<std::path::PathBuf>,
+        /// A TCP address to listen on, such as 127.0.0.1:7070.
+        #[arg(long)]
+        tcp: Option<String>,
+        /// Where ephemeral pools live: local, or memcached=unix:PATH or memcached=HOST:PORT.
+        #[arg(long, default_value = "local")]
+        ephemeral: String,
+        /// Where persistent pools live: local, or redis=redis://HOST:PORT/ or
+        /// redis=redis+unix:///PATH.
+        #[arg(long, default_value = "local")]
+        persistent: String,
+        /// Pages the local backend holds of each kind (ephemeral ones are then evicted,
+        /// least recently used first; persistent puts are refused).
+        #[arg(long, default_value_t = 262_144)]
+        pages: usize,
+        /// Clients at once.
+        #[arg(long, default_value_t = 1024)]
+        max_clients: usize,
+        /// Pools per client.
+        #[arg(long, default_value_t = 64)]
+        max_pools: usize,
+        /// Persistent pages per client.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_persistent_pages: u64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Prints a tmem server's statistics (ADDR: unix:PATH or HOST:PORT).
+    Stats {
+        /// The server.
+        addr: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCmd {
+    /// tmem: puts, gets and flushes of real pages through the tmem server (local, memcached
+    /// and Redis backends) against the same pages straight to memcached and Redis.
+    Tmem {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Clients at once, each on a connection of its own.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Most pages to read from the inputs.
+        #[arg(long, default_value_t = 16384)]
+        max_pages: usize,
+        /// The tmem server's page store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Inputs as for analyze; by default this machine's own processes.
+        #[arg(value_name = "INPUT")]
+        inputs: Vec<String>,
+    },
     /// The page store on real pages: classify, insert and read per class, against memcpy and
     /// lz4_flex; footprint against sharing only and LZ4 only; the delta codecs compared.
     Pagestore {
@@ -172,6 +240,20 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The same options as command-line arguments, for a server the bench starts.
+    fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--compression={}", self.compression),
+            format!("--codec={}", self.codec),
+            format!("--max-patch={}", self.max_patch),
+            format!("--similarity={}", self.similarity),
+        ];
+        if self.no_patch {
+            a.push("--no-patch".into());
+        }
+        a
+    }
+
     fn config(&self) -> Result<Config> {
         let compression = match self.compression.split_once(':') {
             None if self.compression == "lz4" => Compression::Lz4,
@@ -381,6 +463,60 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", bench::render(&s));
             }
         }
+        Cmd::Bench {
+            what:
+                BenchCmd::Tmem {
+                    json,
+                    clients,
+                    runs,
+                    max_pages,
+                    store,
+                    inputs,
+                },
+        } => {
+            store.config()?;
+            if clients == 0 || runs == 0 {
+                bail!("--clients and --runs must be at least 1");
+            }
+            let (pages, sources) = bench::collect_pages(&parse_inputs(&inputs)?, max_pages)?;
+            let b = tmem_cmd::bench(&pages, sources, clients, runs, &store.to_args())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                print!("{}", tmem_cmd::render(&b));
+            }
+        }
+        Cmd::Tmem {
+            what:
+                TmemCmd::Serve {
+                    unix,
+                    tcp,
+                    ephemeral,
+                    persistent,
+                    pages,
+                    max_clients,
+                    max_pools,
+                    max_persistent_pages,
+                    store,
+                },
+        } => tmem_cmd::serve(
+            &tmem_cmd::Serve {
+                unix,
+                tcp,
+                ephemeral,
+                persistent,
+                pages,
+                limits: tmem::Limits {
+                    clients: max_clients,
+                    pools_per_client: max_pools,
+                    persistent_pages_per_client: max_persistent_pages,
+                },
+            },
+            &store.config()?,
+        )?,
+        Cmd::Tmem {
+            what: TmemCmd::Stats { addr },
+        } => tmem_cmd::stats(&addr)?,
         Cmd::Demo { bench_pages } => demo::run(bench_pages)?,
         Cmd::Run {
             memory,
