@@ -105,6 +105,21 @@ impl Drop for Proc {
     }
 }
 
+/// User plus system CPU seconds of every thread of process `pid` so far.
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces) in its parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -250,6 +265,9 @@ pub struct OpFigures {
     pub p50_us: f64,
     /// 99th percentile latency, microseconds.
     pub p99_us: f64,
+    /// The server process's CPU time per operation, microseconds (all its threads, user and
+    /// system; 10 ms clock ticks, so a rough figure on short phases).
+    pub server_cpu_us: f64,
 }
 
 /// One target's figures (medians over the runs).
@@ -301,8 +319,14 @@ fn percentile(sorted: &[f64], per_mille: usize) -> f64 {
 type PhaseOp = dyn Fn(&mut dyn Conn, u32, &Page, &mut Page) -> Result<()> + Sync;
 
 /// Runs one phase on every client at once; returns the op's figures.
-fn phase(conns: &mut [Box<dyn Conn>], pages: &[Page], op: &PhaseOp) -> Result<OpFigures> {
+fn phase(
+    conns: &mut [Box<dyn Conn>],
+    pages: &[Page],
+    server_pid: u32,
+    op: &PhaseOp,
+) -> Result<OpFigures> {
     let n = conns.len();
+    let cpu0 = cpu_of(server_pid);
     let start = Instant::now();
     let lat: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = conns
@@ -332,9 +356,11 @@ fn phase(conns: &mut [Box<dyn Conn>], pages: &[Page], op: &PhaseOp) -> Result<Op
             .collect::<Result<Vec<_>>>()
     })?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_of(server_pid) - cpu0;
     let mut all: Vec<f64> = lat.into_iter().flatten().collect();
     all.sort_by(f64::total_cmp);
     Ok(OpFigures {
+        server_cpu_us: cpu * 1e6 / all.len().max(1) as f64,
         ops_per_s: all.len() as f64 / secs,
         p50_us: percentile(&all, 500),
         p99_us: percentile(&all, 990),
@@ -368,10 +394,12 @@ fn measure(
         let mut conns = (0..clients)
             .map(|c| connect(c, r))
             .collect::<Result<Vec<_>>>()?;
-        puts.push(phase(&mut conns, pages, &|c, i, p, _| c.put(i, p))?);
+        puts.push(phase(&mut conns, pages, server_pid, &|c, i, p, _| {
+            c.put(i, p)
+        })?);
         rss_growth.push(rss_of(server_pid).saturating_sub(rss0));
         held_bytes.push(held()?.saturating_sub(held0));
-        gets.push(phase(&mut conns, pages, &|c, i, p, out| {
+        gets.push(phase(&mut conns, pages, server_pid, &|c, i, p, out| {
             if !c.get(i, out)? {
                 bail!("page {i} is missing");
             }
@@ -380,7 +408,9 @@ fn measure(
             }
             Ok(())
         })?);
-        flushes.push(phase(&mut conns, pages, &|c, i, _, _| c.flush(i))?);
+        flushes.push(phase(&mut conns, pages, server_pid, &|c, i, _, _| {
+            c.flush(i)
+        })?);
     }
     let spread = |v: &[OpFigures]| {
         let ops = v.iter().map(|f| f.ops_per_s);
@@ -552,6 +582,7 @@ pub fn bench(
             stat(&mut admin, field)
         };
         let held = std::sync::Mutex::new(held);
+
         targets.push(measure(
             name,
             pages,
@@ -605,7 +636,7 @@ pub fn render(b: &TmemBench) -> String {
     for t in &b.targets {
         let _ = writeln!(
             s,
-            "{:<50} {:>16} {:>16} {:>11.0} {:>16} {:>16}",
+            "{:<50} {:>16} {:>16} {:>11.0} {:>16} {:>16} {:>14}",
             t.name,
             format!(
                 "{:.0} ({:.0}-{:.0})",
@@ -618,6 +649,7 @@ pub fn render(b: &TmemBench) -> String {
             t.flush.ops_per_s,
             format!("{:.1}/{:.1}", t.put.p50_us, t.put.p99_us),
             format!("{:.1}/{:.1}", t.get.p50_us, t.get.p99_us),
+            format!("{:.1}, {:.1}", t.put.server_cpu_us, t.get.server_cpu_us),
         );
     }
     let _ = writeln!(
