@@ -153,7 +153,9 @@ fn run_in(dir: &Path, bench_pages: usize) -> Result<()> {
     let s = crate::bench::run(&live, bench_pages, 3, Config::default())?;
     print!("{}", crate::bench::render(&s));
 
-    heading("memvisor bench tmem on the same live pages: the tmem server against memcached and Redis");
+    heading(
+        "memvisor bench tmem on the same live pages: the tmem server against memcached and Redis",
+    );
     println!("$ memvisor bench tmem --runs 3 --max-pages {bench_pages} pid:...");
     let (pages, sources) = crate::bench::collect_pages(&live, bench_pages)?;
     let b = crate::tmem_cmd::bench(&pages, sources, 4, 3, &[])?;
