@@ -5,8 +5,8 @@
 
 use std::process::Command;
 
-/// Runs `memvisor nested` and returns its exit status and console (with the guest tty's
-/// CR LF line ends made LF).
+/// Runs `memvisor nested` and returns its exit status and console, carriage returns taken
+/// out (both the inner and the outer guest's tty turn LF into CR LF, so lines end in CR CR LF).
 fn nested(vcpus: u8, elf: bool, command: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
         .args(["nested", "--vcpus", &vcpus.to_string(), "--timeout", "340"])
@@ -20,7 +20,7 @@ fn nested(vcpus: u8, elf: bool, command: &[&str]) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-    .replace("\r\n", "\n");
+    .replace('\r', "");
     (out.status.code(), console)
 }
 
