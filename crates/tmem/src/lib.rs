@@ -154,8 +154,9 @@ pub trait Backend: Send + Sync {
     fn flush_page(&self, key: &Key) -> Result<bool, TmemError>;
     /// Removes every page of an object; how many, when the backend can tell.
     fn flush_object(&self, ns: u128, kind: Kind, oid: &Oid) -> Result<Option<u64>, TmemError>;
-    /// Removes every page of a pool.
-    fn flush_pool(&self, ns: u128, kind: Kind) -> Result<(), TmemError>;
+    /// Removes every page of a pool; `reused` is false when the namespace will never be used
+    /// again (a private ephemeral pool's), so nothing need be remembered of it.
+    fn flush_pool(&self, ns: u128, kind: Kind, reused: bool) -> Result<(), TmemError>;
     /// How many pages a pool holds (for a persistent pool opened again; 0 where a backend
     /// cannot tell, which only an ephemeral backend may).
     fn pool_pages(&self, ns: u128, kind: Kind) -> Result<u64, TmemError>;

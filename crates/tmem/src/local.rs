@@ -208,7 +208,7 @@ impl Backend for LocalBackend {
         Ok(Some(n))
     }
 
-    fn flush_pool(&self, ns: u128, kind: Kind) -> Result<(), TmemError> {
+    fn flush_pool(&self, ns: u128, kind: Kind, _: bool) -> Result<(), TmemError> {
         let oids: Vec<Oid> = self
             .index
             .lock()

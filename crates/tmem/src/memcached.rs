@@ -61,12 +61,23 @@ pub struct MemcachedBackend {
     gens: Mutex<Gens>,
 }
 
+/// Generations of one namespace: its own, and its flushed objects'.
+#[derive(Default)]
+struct NsGens {
+    pool: u64,
+    objects: HashMap<Oid, u64>,
+}
+
 #[derive(Default)]
 struct Gens {
     next: u64,
-    objects: HashMap<(u128, Oid), u64>,
-    pools: HashMap<u128, u64>,
+    by_ns: HashMap<u128, NsGens>,
 }
+
+/// The most flushed objects remembered per namespace: past it the whole namespace moves to
+/// a new generation (its pages are dropped, as an ephemeral pool may drop anything), so a
+/// client flushing random objects cannot grow the server's memory.
+const MAX_OBJECT_GENS: usize = 4096;
 
 impl std::fmt::Debug for MemcachedBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,8 +155,12 @@ impl MemcachedBackend {
 
     fn key(&self, key: &Key) -> String {
         let g = self.gens.lock();
-        let pg = g.pools.get(&key.ns).copied().unwrap_or(0);
-        let og = g.objects.get(&(key.ns, key.oid)).copied().unwrap_or(0);
+        let ns = g.by_ns.get(&key.ns);
+        let pg = ns.map_or(0, |n| n.pool);
+        let og = ns
+            .and_then(|n| n.objects.get(&key.oid))
+            .copied()
+            .unwrap_or(0);
         let [a, b, c] = key.oid.0;
         format!(
             "tm:{:032x}.{pg:x}:{a:x}.{b:x}.{c:x}.{og:x}:{:x}",
@@ -249,17 +264,29 @@ impl Backend for MemcachedBackend {
         let mut g = self.gens.lock();
         g.next += 1;
         let n = g.next;
-        g.objects.insert((ns, *oid), n);
+        let e = g.by_ns.entry(ns).or_default();
+        if e.objects.len() >= MAX_OBJECT_GENS {
+            e.pool = n;
+            e.objects.clear();
+        } else {
+            e.objects.insert(*oid, n);
+        }
         Ok(None)
     }
 
-    fn flush_pool(&self, ns: u128, _: Kind) -> Result<(), TmemError> {
+    fn flush_pool(&self, ns: u128, _: Kind, reused: bool) -> Result<(), TmemError> {
         let mut g = self.gens.lock();
+        if !reused {
+            // Never used again: its keys are unreachable, nothing to remember.
+            g.by_ns.remove(&ns);
+            return Ok(());
+        }
         g.next += 1;
         let n = g.next;
-        g.pools.insert(ns, n);
+        let e = g.by_ns.entry(ns).or_default();
         // The pool's generation is in every key, so its objects' generations are moot.
-        g.objects.retain(|(n, _), _| *n != ns);
+        e.pool = n;
+        e.objects.clear();
         Ok(())
     }
 

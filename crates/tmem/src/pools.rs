@@ -69,11 +69,19 @@ struct Client {
 
 struct Pool {
     flags: PoolFlags,
+    /// How it is found again (by UUID, or by client name and UUID), if it can be.
+    lookup: Option<u128>,
+    /// Where its pages live: the lookup key for a persistent pool; for an ephemeral one, a
+    /// namespace of this incarnation only, so a backend never has to remember a flushed
+    /// ephemeral pool (its pages are unreachable from any later pool).
     ns: u128,
-    /// The client whose quota its persistent pages count against.
-    owner: u32,
     members: HashSet<u32>,
-    /// Persistent pages held (counted as puts and flushes go by).
+}
+
+/// A persistent namespace's pages and whose quota they count against: kept while its pages
+/// are, open or not, so that closing a pool does not hand its pages' quota back.
+struct Persist {
+    owner: String,
     pages: u64,
 }
 
@@ -81,11 +89,51 @@ struct Pool {
 struct State {
     clients: HashMap<u32, Client>,
     pools: HashMap<u32, Pool>,
-    /// Open pools by namespace: a shared pool's UUID, or a private persistent pool's client
+    /// Open pools by lookup key: a shared pool's UUID, or a private persistent pool's client
     /// name and UUID, lead back to the same pool.
     by_ns: HashMap<u128, u32>,
+    /// Persistent namespaces with pages, open or not.
+    persist: HashMap<u128, Persist>,
+    /// Persistent pages by owner (the client name that created the pool).
+    owner_pages: HashMap<String, u64>,
+    /// Namespaces being flushed or counted outside the lock: opening one waits.
+    busy: HashSet<u128>,
+    /// Pools created so far: part of every ephemeral namespace.
+    incarnations: u64,
     next_client: u32,
     next_pool: u32,
+}
+
+impl State {
+    /// The next id after `next` that `taken` does not hold (ids wrap after 2^32).
+    fn fresh_id(next: &mut u32, taken: impl Fn(u32) -> bool) -> u32 {
+        loop {
+            let id = *next;
+            *next = next.wrapping_add(1);
+            if !taken(id) {
+                return id;
+            }
+        }
+    }
+
+    fn adjust(&mut self, ns: u128, delta: i64) {
+        if let Some(p) = self.persist.get_mut(&ns) {
+            p.pages = p.pages.saturating_add_signed(delta);
+            let total = self.owner_pages.entry(p.owner.clone()).or_insert(0);
+            *total = total.saturating_add_signed(delta);
+        }
+    }
+
+    fn forget_persist(&mut self, ns: u128) {
+        if let Some(p) = self.persist.remove(&ns)
+            && let Some(total) = self.owner_pages.get_mut(&p.owner)
+        {
+            *total = total.saturating_sub(p.pages);
+            if *total == 0 {
+                self.owner_pages.remove(&p.owner);
+            }
+        }
+    }
 }
 
 /// Transcendent memory: clients, pools and their promises, over one backend for ephemeral
@@ -95,6 +143,8 @@ pub struct Tmem {
     persistent: Arc<dyn Backend>,
     limits: Limits,
     state: Mutex<State>,
+    /// Signalled when a namespace stops being busy.
+    idle: parking_lot::Condvar,
     /// Operations on one key run one at a time (a get-then-delete on memcached, a refused
     /// put's flush): a stripe of locks by key hash.
     stripes: Box<[Mutex<()>]>,
@@ -144,6 +194,7 @@ impl Tmem {
             persistent,
             limits,
             state: Mutex::new(State::default()),
+            idle: parking_lot::Condvar::new(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             boot,
             puts: AtomicU64::new(0),
@@ -152,6 +203,11 @@ impl Tmem {
             hits: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         }
+    }
+
+    /// The limits per client.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// One backend for both kinds of pool.
@@ -173,8 +229,9 @@ impl Tmem {
         if st.clients.len() >= self.limits.clients {
             return Err(TmemError::Limit("too many clients"));
         }
-        let id = st.next_client;
-        st.next_client = st.next_client.wrapping_add(1);
+        let st = &mut *st;
+        let clients = &st.clients;
+        let id = State::fresh_id(&mut st.next_client, |i| clients.contains_key(&i));
         st.clients.insert(
             id,
             Client {
@@ -225,80 +282,105 @@ impl Tmem {
             Kind::Ephemeral => b"e",
             Kind::Persistent => b"p",
         };
-        let mut st = self.state.lock();
-        let st = &mut *st;
-        let c = st
-            .clients
-            .get(&client.0)
-            .ok_or(TmemError::NoClient(client.0))?;
-        if c.pools.len() >= self.limits.pools_per_client {
-            return Err(TmemError::Limit("too many pools for this client"));
-        }
         let uuid_bytes = uuid.to_le_bytes();
-        // Stable namespaces for what must be found again; a fresh one for a private
-        // ephemeral pool.
-        let ns = match (flags.shared, flags.kind) {
-            (true, Kind::Persistent) => Some(ns_of(&[b"shared", kind_tag, &uuid_bytes])),
-            (true, Kind::Ephemeral) => Some(ns_of(&[
-                b"shared",
-                kind_tag,
-                &uuid_bytes,
-                &self.boot.to_le_bytes(),
-            ])),
-            (false, Kind::Persistent) => Some(ns_of(&[
-                b"private",
-                kind_tag,
-                c.name.as_bytes(),
-                &uuid_bytes,
-            ])),
-            (false, Kind::Ephemeral) => None,
-        };
-        if let Some(ns) = ns
-            && let Some(&existing) = st.by_ns.get(&ns)
-        {
-            let pool = st.pools.get_mut(&existing).expect("indexed pools exist");
-            if pool.flags == flags {
-                pool.members.insert(client.0);
-                st.clients
-                    .get_mut(&client.0)
-                    .expect("checked")
-                    .pools
-                    .insert(existing);
-                return Ok(PoolId(existing));
+        let mut st = self.state.lock();
+        loop {
+            let c = st
+                .clients
+                .get(&client.0)
+                .ok_or(TmemError::NoClient(client.0))?;
+            if c.pools.len() >= self.limits.pools_per_client {
+                return Err(TmemError::Limit("too many pools for this client"));
             }
+            let name = c.name.clone();
+            // How the pool is found again, if it can be.
+            let lookup = match (flags.shared, flags.kind) {
+                (true, _) => Some(ns_of(&[b"shared", kind_tag, &uuid_bytes])),
+                (false, Kind::Persistent) => {
+                    Some(ns_of(&[b"private", kind_tag, name.as_bytes(), &uuid_bytes]))
+                }
+                (false, Kind::Ephemeral) => None,
+            };
+            if let Some(ns) = lookup {
+                // Being flushed (a destroy) or counted (another open): wait, then look again,
+                // so no page put after this open can be caught by that flush.
+                if st.busy.contains(&ns) {
+                    self.idle.wait(&mut st);
+                    continue;
+                }
+                if let Some(&existing) = st.by_ns.get(&ns) {
+                    let st = &mut *st;
+                    let pool = st.pools.get_mut(&existing).expect("indexed pools exist");
+                    if pool.flags != flags {
+                        return Err(TmemError::Limit("a pool of other flags has this UUID"));
+                    }
+                    pool.members.insert(client.0);
+                    st.clients
+                        .get_mut(&client.0)
+                        .expect("checked")
+                        .pools
+                        .insert(existing);
+                    return Ok(PoolId(existing));
+                }
+                // A persistent namespace this server does not know may hold pages from
+                // before a restart: count them (outside the lock; the namespace is busy).
+                if flags.kind == Kind::Persistent && !st.persist.contains_key(&ns) {
+                    st.busy.insert(ns);
+                    let counted = parking_lot::MutexGuard::unlocked(&mut st, || {
+                        backend.pool_pages(ns, flags.kind)
+                    });
+                    st.busy.remove(&ns);
+                    self.idle.notify_all();
+                    let pages = counted?;
+                    st.persist.insert(
+                        ns,
+                        Persist {
+                            owner: name.clone(),
+                            pages: 0,
+                        },
+                    );
+                    st.adjust(ns, i64::try_from(pages).unwrap_or(i64::MAX));
+                    continue; // the client may have gone meanwhile: check again
+                }
+            }
+            let st = &mut *st;
+            let pools = &st.pools;
+            let id = State::fresh_id(&mut st.next_pool, |i| pools.contains_key(&i));
+            st.incarnations += 1;
+            let ns = match (flags.kind, lookup) {
+                (Kind::Persistent, Some(l)) => l,
+                _ => ns_of(&[
+                    b"ephemeral",
+                    &lookup.unwrap_or(0).to_le_bytes(),
+                    &self.boot.to_le_bytes(),
+                    &st.incarnations.to_le_bytes(),
+                ]),
+            };
+            if flags.kind == Kind::Persistent {
+                st.persist.entry(ns).or_insert(Persist {
+                    owner: name,
+                    pages: 0,
+                });
+            }
+            st.pools.insert(
+                id,
+                Pool {
+                    flags,
+                    lookup,
+                    ns,
+                    members: HashSet::from_iter([client.0]),
+                },
+            );
+            if let Some(l) = lookup {
+                st.by_ns.insert(l, id);
+            }
+            st.clients
+                .get_mut(&client.0)
+                .expect("checked")
+                .pools
+                .insert(id);
+            return Ok(PoolId(id));
         }
-        let id = st.next_pool;
-        st.next_pool = st.next_pool.wrapping_add(1);
-        let ns = ns.unwrap_or_else(|| {
-            ns_of(&[
-                b"private",
-                kind_tag,
-                &self.boot.to_le_bytes(),
-                &id.to_le_bytes(),
-            ])
-        });
-        // A persistent pool opened again after a restart: count what it still holds.
-        let pages = match flags.kind {
-            Kind::Persistent => backend.pool_pages(ns, flags.kind)?,
-            Kind::Ephemeral => 0,
-        };
-        st.pools.insert(
-            id,
-            Pool {
-                flags,
-                ns,
-                owner: client.0,
-                members: HashSet::from_iter([client.0]),
-                pages,
-            },
-        );
-        st.by_ns.insert(ns, id);
-        st.clients
-            .get_mut(&client.0)
-            .expect("checked")
-            .pools
-            .insert(id);
-        Ok(PoolId(id))
     }
 
     /// Destroys a pool: its pages are flushed, unless it is shared and others are still in
@@ -308,7 +390,7 @@ impl Tmem {
     }
 
     fn leave(&self, client: ClientId, pool: PoolId, destroy: bool) -> Result<(), TmemError> {
-        let flush = {
+        let (ns, flags) = {
             let mut st = self.state.lock();
             let c = st
                 .clients
@@ -323,14 +405,27 @@ impl Tmem {
                 return Ok(());
             }
             let p = st.pools.remove(&pool.0).expect("present");
-            st.by_ns.remove(&p.ns);
-            // A persistent pool left without being destroyed keeps its pages.
-            (destroy || p.flags.kind == Kind::Ephemeral).then_some((p.ns, p.flags.kind))
+            if let Some(l) = p.lookup {
+                st.by_ns.remove(&l);
+            }
+            if p.flags.kind == Kind::Persistent && !destroy {
+                // Its pages stay, and stay counted; an empty namespace need not be kept.
+                if st.persist.get(&p.ns).is_some_and(|x| x.pages == 0) {
+                    st.forget_persist(p.ns);
+                }
+                return Ok(());
+            }
+            st.forget_persist(p.ns);
+            // Until the flush is over, opening this namespace waits (see new_pool).
+            st.busy.insert(p.ns);
+            (p.ns, p.flags)
         };
-        if let Some((ns, kind)) = flush {
-            self.backend(kind).flush_pool(ns, kind)?;
-        }
-        Ok(())
+        // An ephemeral namespace is never used again; a persistent one may be reopened.
+        let reused = flags.kind == Kind::Persistent;
+        let r = self.backend(flags.kind).flush_pool(ns, flags.kind, reused);
+        self.state.lock().busy.remove(&ns);
+        self.idle.notify_all();
+        r
     }
 
     /// The pool's key and flags, if `client` is a member.
@@ -358,28 +453,19 @@ impl Tmem {
         self.stripes[usize::try_from(h % STRIPES as u64).expect("below STRIPES")].lock()
     }
 
-    fn adjust_pages(&self, pool: PoolId, delta: i64) {
-        if delta == 0 {
-            return;
-        }
-        if let Some(p) = self.state.lock().pools.get_mut(&pool.0) {
-            p.pages = p.pages.saturating_add_signed(delta);
+    fn adjust_pages(&self, ns: u128, delta: i64) {
+        if delta != 0 {
+            self.state.lock().adjust(ns, delta);
         }
     }
 
-    /// Whether the owner of `pool` may hold one more persistent page.
-    fn under_quota(&self, pool: PoolId) -> bool {
+    /// Whether the owner of the persistent namespace `ns` may hold one more page.
+    fn under_quota(&self, ns: u128) -> bool {
         let st = self.state.lock();
-        let Some(owner) = st.pools.get(&pool.0).map(|p| p.owner) else {
+        let Some(owner) = st.persist.get(&ns).map(|p| &p.owner) else {
             return false;
         };
-        let held: u64 = st
-            .pools
-            .values()
-            .filter(|p| p.owner == owner && p.flags.kind == Kind::Persistent)
-            .map(|p| p.pages)
-            .sum();
-        held < self.limits.persistent_pages_per_client
+        st.owner_pages.get(owner).copied().unwrap_or(0) < self.limits.persistent_pages_per_client
     }
 
     /// Puts a page; false if it was refused (then the key holds nothing, not an older page).
@@ -400,25 +486,36 @@ impl Tmem {
             index,
         };
         let backend = self.backend(flags.kind);
+        let persistent = flags.kind == Kind::Persistent;
         let _g = self.stripe(&key);
-        if flags.kind == Kind::Persistent && !self.under_quota(pool) {
+        if persistent && !self.under_quota(ns) {
             // Over quota: refuse, and leave no old page behind under the key.
             if backend.flush_page(&key)? {
-                self.adjust_pages(pool, -1);
+                self.adjust_pages(ns, -1);
             }
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
-        match backend.put(&key, page)? {
-            Put::Stored { new } => {
-                if new && flags.kind == Kind::Persistent {
-                    self.adjust_pages(pool, 1);
+        match backend.put(&key, page) {
+            Ok(Put::Stored { new }) => {
+                if new && persistent {
+                    self.adjust_pages(ns, 1);
                 }
                 Ok(true)
             }
-            Put::Refused => {
+            Ok(Put::Refused) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 Ok(false)
+            }
+            Err(e) => {
+                // A put that failed must not leave the older page to be read back: flush it
+                // if the backend still answers.
+                if let Ok(true) = backend.flush_page(&key)
+                    && persistent
+                {
+                    self.adjust_pages(ns, -1);
+                }
+                Err(e)
             }
         }
     }
@@ -473,7 +570,7 @@ impl Tmem {
             self.backend(flags.kind).flush_page(&key)?
         };
         if had && flags.kind == Kind::Persistent {
-            self.adjust_pages(pool, -1);
+            self.adjust_pages(ns, -1);
         }
         Ok(had)
     }
@@ -487,7 +584,7 @@ impl Tmem {
             .flush_object(ns, flags.kind, &oid)?;
         if flags.kind == Kind::Persistent {
             let n = n.unwrap_or(0);
-            self.adjust_pages(pool, -i64::try_from(n).unwrap_or(i64::MAX));
+            self.adjust_pages(ns, -i64::try_from(n).unwrap_or(i64::MAX));
         }
         Ok(())
     }

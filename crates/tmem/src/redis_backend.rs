@@ -204,7 +204,7 @@ impl Backend for RedisBackend {
         Ok(Some(n))
     }
 
-    fn flush_pool(&self, ns: u128, _: Kind) -> Result<(), TmemError> {
+    fn flush_pool(&self, ns: u128, _: Kind, _: bool) -> Result<(), TmemError> {
         let objs = objects_key(ns);
         let members: Vec<String> = self.with_conn("SMEMBERS", |c| c.smembers(&objs))?;
         self.with_conn("flushing a pool", |c| {

@@ -129,6 +129,60 @@ fn refused_persistent_put_leaves_no_old_page(backend: Arc<dyn Backend>) {
     t.destroy_pool(c, p).unwrap();
 }
 
+/// The quota counts pages of closed pools too: closing a pool and filling another does not
+/// get round it; destroying one gives its pages' quota back.
+fn quota_counts_closed_pools(backend: Arc<dyn Backend>) {
+    let t = Tmem::with_backend(
+        backend,
+        Limits {
+            persistent_pages_per_client: 3,
+            ..Limits::default()
+        },
+    );
+    let c = t.connect("q2").unwrap();
+    let p = t.new_pool(c, PERS_PRIVATE, 1).unwrap();
+    for i in 0..3 {
+        assert!(t.put(c, p, oid(1), i, &page(1, i, 0)).unwrap());
+    }
+    t.disconnect(c).unwrap();
+    let c = t.connect("q2").unwrap();
+    let q = t.new_pool(c, PERS_PRIVATE, 2).unwrap();
+    assert!(
+        !t.put(c, q, oid(1), 0, &page(2, 0, 0)).unwrap(),
+        "quota bypassed"
+    );
+    let p = t.new_pool(c, PERS_PRIVATE, 1).unwrap();
+    t.destroy_pool(c, p).unwrap();
+    assert!(t.put(c, q, oid(1), 0, &page(2, 0, 0)).unwrap());
+    t.destroy_pool(c, q).unwrap();
+}
+
+/// Destroying a shared persistent pool while another client reopens it and puts: every put
+/// acknowledged after the reopen is found (the destroy's flush never catches it).
+fn destroy_and_reopen_race(t: &Tmem) {
+    for round in 0..30u64 {
+        let a = t.connect("a").unwrap();
+        let b = t.connect("b").unwrap();
+        let pa = t.new_pool(a, PERS_SHARED, 0x5a5a).unwrap();
+        assert!(t.put(a, pa, oid(round), 0, &page(round, 0, 0)).unwrap());
+        std::thread::scope(|s| {
+            s.spawn(|| t.destroy_pool(a, pa).unwrap());
+            s.spawn(|| {
+                let pb = t.new_pool(b, PERS_SHARED, 0x5a5a).unwrap();
+                assert!(t.put(b, pb, oid(round), 1, &page(round, 1, 0)).unwrap());
+                let mut out = [0u8; 4096];
+                assert!(
+                    t.get(b, pb, oid(round), 1, &mut out).unwrap(),
+                    "round {round}: an acknowledged page was flushed"
+                );
+                t.destroy_pool(b, pb).unwrap();
+            });
+        });
+        t.disconnect(a).unwrap();
+        t.disconnect(b).unwrap();
+    }
+}
+
 /// Ephemeral private: a get returns the page and removes it (exclusive); put-put-get.
 fn ephemeral_private_promises(t: &Tmem) {
     let c = t.connect("cache").unwrap();
@@ -298,6 +352,8 @@ mod local_backend {
         persistent_promises(&t());
         persistent_pool_outlives_its_connection(&t());
         refused_persistent_put_leaves_no_old_page(local(100, 100));
+        quota_counts_closed_pools(local(100, 100));
+        destroy_and_reopen_race(&t());
     }
 
     #[test]
@@ -456,6 +512,9 @@ mod redis_backend {
         persistent_pool_outlives_its_connection(&t(&server));
         let r: Arc<dyn Backend> = Arc::new(RedisBackend::connect(&server.addr).unwrap());
         refused_persistent_put_leaves_no_old_page(r);
+        let r: Arc<dyn Backend> = Arc::new(RedisBackend::connect(&server.addr).unwrap());
+        quota_counts_closed_pools(r);
+        destroy_and_reopen_race(&t(&server));
         shared_pools(&t(&server), PERS_SHARED);
         foreign_and_unknown_pools_are_refused(&t(&server), PERS_PRIVATE);
     }

@@ -180,3 +180,28 @@ fn per_client_limits_hold_over_the_wire() {
     let e = Client::unix(&sock, "c").unwrap_err();
     assert!(e.to_string().contains("too many clients"), "{e}");
 }
+
+#[test]
+fn idle_connections_cannot_pile_up() {
+    let (_t, sock, _) = server(Limits {
+        clients: 2,
+        ..Limits::default()
+    });
+    // Connections that never say HELLO: the client limit plus 64 are let in; the rest are
+    // closed at once.
+    let conns: Vec<UnixStream> = (0..2 + 64 + 5)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    // The acceptor closes the extra ones as it goes; give it a moment (well inside the
+    // 10 s that the others have to say HELLO).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut closed = 0;
+    for mut c in conns {
+        c.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(c.read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 5);
+}
