@@ -105,7 +105,11 @@ pub fn debian() -> Result<Debian> {
             .map(|m| dir.join(format!("{m}.ko")))
             .collect(),
         busybox: dir.join("busybox"),
-        initrd: dir.join("initrd.cpio"),
+        // Named by its /init, so a changed init script makes a new initramfs.
+        initrd: dir.join(format!(
+            "initrd-{:016x}.cpio",
+            xxhash_rust::xxh3::xxh3_64(GUEST_INIT.as_bytes())
+        )),
         kernel_version,
     };
     if !d.vmlinux.exists() {
@@ -115,8 +119,11 @@ pub fn debian() -> Result<Debian> {
         std::fs::rename(part, &d.vmlinux)?;
     }
     if !d.initrd.exists() {
+        // Written whole, then renamed: a run killed half-way leaves no truncated initramfs.
         let cpio = guest_initramfs(&std::fs::read(&d.busybox)?)?;
-        std::fs::write(&d.initrd, cpio)?;
+        let part = d.initrd.with_extension("part");
+        std::fs::write(&part, cpio)?;
+        std::fs::rename(part, &d.initrd)?;
     }
     Ok(d)
 }

@@ -393,10 +393,19 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
     use std::os::fd::AsFd;
     use vmm_sys_util::terminal::Terminal;
 
+    /// Puts the terminal back in canonical mode however the run ends.
+    struct Raw;
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+
     let vm = vmm::Vm::new(parse_size(memory)?)?;
     let stdin = std::io::stdin();
     // A terminal is put in raw mode, so keys reach the guest as typed, and restored after.
     let tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
+    let _raw = tty.then_some(Raw);
     let start = std::time::Instant::now();
     let input = tty.then(|| stdin.as_fd());
     let (what, result) = match boot {
@@ -411,9 +420,7 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
             (linux.kernel.display().to_string(), r)
         }
     };
-    if tty {
-        let _ = stdin.lock().set_canon_mode();
-    }
+    drop(_raw);
     let (exit, _) = result?;
     eprintln!(
         "memvisor: guest {what} after {:.3} s: {exit:?}",

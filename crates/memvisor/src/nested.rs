@@ -195,6 +195,13 @@ pub fn run(job: &Nested) -> Result<Outcome> {
         }
     };
     let stdout = child.stdout.take().expect("piped");
+    // QEMU's stderr is drained as it comes, so a chatty QEMU cannot stall on a full pipe.
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err_pipe, &mut s);
+        s
+    });
     let echo = job.echo;
     let reader = std::thread::spawn(move || {
         let mut console = String::new();
@@ -224,10 +231,7 @@ pub fn run(job: &Nested) -> Result<Outcome> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let console = reader.join().unwrap_or_default();
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
+    let stderr = errors.join().unwrap_or_default();
     let _ = std::fs::remove_file(&initrd);
     let elapsed = start.elapsed();
     let Some(qemu) = status else {

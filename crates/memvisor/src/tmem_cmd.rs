@@ -625,18 +625,19 @@ pub fn render(b: &TmemBench) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<50} {:>16} {:>16} {:>11} {:>16} {:>16}",
+        "\n{:<50} {:>16} {:>16} {:>11} {:>16} {:>16} {:>18}",
         "target (all on Unix sockets)",
         "put/s",
         "get/s",
         "flush/s",
         "put p50/p99 us",
-        "get p50/p99 us"
+        "get p50/p99 us",
+        "srv cpu us/put,get"
     );
     for t in &b.targets {
         let _ = writeln!(
             s,
-            "{:<50} {:>16} {:>16} {:>11.0} {:>16} {:>16} {:>14}",
+            "{:<50} {:>16} {:>16} {:>11.0} {:>16} {:>16} {:>18}",
             t.name,
             format!(
                 "{:.0} ({:.0}-{:.0})",

@@ -183,6 +183,15 @@ pub fn load(
             m => u64::from(m),
         };
         let top = ram.min(max + 1);
+        // Above the kernel as loaded, and above where a bzImage decompresses itself: from
+        // its preferred address (or where it was loaded, if higher) for init_size bytes.
+        let kernel_end = kernel_end.max(
+            params
+                .hdr
+                .pref_address
+                .max(HIMEM)
+                .saturating_add(u64::from(params.hdr.init_size)),
+        );
         let at = top
             .checked_sub(size)
             .map(|a| a & !0xfff)

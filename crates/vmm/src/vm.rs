@@ -310,51 +310,64 @@ pub const MAX_VCPUS: u8 = 16;
 /// COM1's ISA interrupt.
 const SERIAL_IRQ: u32 = 4;
 
+/// Typed bytes held for a guest that is not reading its console; beyond it new bytes are
+/// dropped, as a real UART overruns, but input is still read, so Ctrl-A x always works.
+const INPUT_BACKLOG: usize = 4096;
+
 /// Types what `fd` gives into the console, until the VM stops or `fd` ends. Ctrl-A x ends
 /// the VM (as in QEMU); Ctrl-A Ctrl-A types one Ctrl-A.
 fn forward_input<W: Write>(fd: BorrowedFd<'_>, ports: &Mutex<Ports<W>>, stop: &Stop) {
     const CTRL_A: u8 = 1;
     let mut escaped = false;
+    let mut open = true;
+    let mut pending = std::collections::VecDeque::with_capacity(INPUT_BACKLOG);
     let mut buf = [0u8; 256];
-    while !stop.stopping() {
+    while !stop.stopping() && (open || !pending.is_empty()) {
+        // Into the UART's FIFO, as much as it takes.
+        if !pending.is_empty() {
+            let n = lock(ports).input(pending.as_slices().0);
+            pending.drain(..n);
+        }
+        if !open {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
         let mut pfd = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, for the length given; the timeout bounds the wait so that
-        // the thread sees the VM stop.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, 50) };
-        if n <= 0 {
+        // A short wait while bytes wait for the guest, a longer one otherwise; either way the
+        // thread sees the VM stop.
+        let wait = if pending.is_empty() { 50 } else { 5 };
+        // SAFETY: one valid pollfd, for the length given.
+        if unsafe { libc::poll(&raw mut pfd, 1, wait) } <= 0 {
             continue;
         }
         // SAFETY: reads into `buf`, which is writable for its whole length.
         let got = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         let Ok(got @ 1..) = usize::try_from(got) else {
-            return; // end of input, or an error: the console stays output-only
+            open = false; // end of input, or an error: what is queued still goes in
+            continue;
         };
-        let mut typed = Vec::with_capacity(got);
         for &b in &buf[..got] {
-            match (escaped, b) {
-                (false, CTRL_A) => escaped = true,
+            let typed = match (escaped, b) {
+                (false, CTRL_A) => {
+                    escaped = true;
+                    continue;
+                }
                 (true, b'x') => {
                     stop.end(Ok(Exit::Quit));
                     return;
                 }
                 (true, _) => {
                     escaped = false;
-                    typed.push(b);
+                    b
                 }
-                (false, _) => typed.push(b),
-            }
-        }
-        let mut rest = &typed[..];
-        while !rest.is_empty() && !stop.stopping() {
-            let n = lock(ports).input(rest);
-            rest = &rest[n..];
-            if !rest.is_empty() {
-                // The UART's FIFO is full: wait for the guest to read.
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                (false, _) => b,
+            };
+            if pending.len() < INPUT_BACKLOG {
+                pending.push_back(typed);
             }
         }
     }

@@ -141,3 +141,28 @@ impl std::io::Write for Shared {
         Ok(())
     }
 }
+
+#[test]
+fn ctrl_a_x_ends_a_guest_that_never_reads_its_console() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    // Far more than the UART's FIFO and the VMM's backlog, which the guest never reads; the
+    // escape at the end must still be seen.
+    writer.write_all(&vec![b'y'; 20_000]).unwrap_or(());
+    let seen = Shared::default();
+    let vm = Vm::new(8 << 20).unwrap();
+    let exit = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !seen.text().contains("idle: up") {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            writer.write_all(b"\x01x").unwrap();
+        });
+        vm.run_image_with_input(&image("idle"), 1, seen.clone(), Some(reader.as_fd()))
+            .unwrap()
+            .0
+    });
+    assert_eq!(exit, Exit::Quit);
+}
