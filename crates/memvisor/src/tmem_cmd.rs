@@ -372,65 +372,96 @@ fn median_by(v: &mut [OpFigures], f: fn(&OpFigures) -> f64) -> OpFigures {
     v[v.len() / 2]
 }
 
-/// Measures one target: `connect` makes client `c`'s connection for run `r`; `held` asks
-/// the server what it holds.
-fn measure(
-    name: &str,
-    pages: &[Page],
-    clients: usize,
-    runs: usize,
-    server_pid: u32,
-    connect: &dyn Fn(usize, usize) -> Result<Box<dyn Conn>>,
-    held: &dyn Fn() -> Result<u64>,
-) -> Result<TargetFigures> {
-    let (mut puts, mut gets, mut flushes) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut held_bytes, mut rss_growth) = (Vec::new(), Vec::new());
-    // What the server holds with all pages in, above what it held before the first run: a
-    // server that keeps freed memory for reuse (memcached's slabs) shows the same figure on
-    // every run.
-    let rss0 = rss_of(server_pid);
-    let held0 = held()?;
-    for r in 0..runs {
-        let mut conns = (0..clients)
-            .map(|c| connect(c, r))
-            .collect::<Result<Vec<_>>>()?;
-        puts.push(phase(&mut conns, pages, server_pid, &|c, i, p, _| {
-            c.put(i, p)
-        })?);
-        rss_growth.push(rss_of(server_pid).saturating_sub(rss0));
-        held_bytes.push(held()?.saturating_sub(held0));
-        gets.push(phase(&mut conns, pages, server_pid, &|c, i, p, out| {
-            if !c.get(i, out)? {
-                bail!("page {i} is missing");
-            }
-            if out != p {
-                bail!("page {i} came back different");
-            }
-            Ok(())
-        })?);
-        flushes.push(phase(&mut conns, pages, server_pid, &|c, i, _, _| {
-            c.flush(i)
-        })?);
+/// Makes client `c`'s connection for run `r`.
+type Connect = Box<dyn Fn(usize, usize) -> Result<Box<dyn Conn>>>;
+
+/// One thing measured: a server, how to connect to it, how to ask what it holds, and the
+/// figures of each run.
+struct Target {
+    name: String,
+    pid: u32,
+    connect: Connect,
+    held: Box<dyn FnMut() -> Result<u64>>,
+    /// What the server held and its RSS before the first run: a server that keeps freed
+    /// memory for reuse (memcached's slabs) then shows the same figure on every run.
+    base: (u64, u64),
+    puts: Vec<OpFigures>,
+    gets: Vec<OpFigures>,
+    flushes: Vec<OpFigures>,
+    held_bytes: Vec<u64>,
+    rss_growth: Vec<u64>,
+}
+
+impl Target {
+    fn new(
+        name: &str,
+        pid: u32,
+        connect: Connect,
+        mut held: Box<dyn FnMut() -> Result<u64>>,
+    ) -> Result<Target> {
+        let base = (held()?, rss_of(pid));
+        Ok(Target {
+            name: name.to_owned(),
+            pid,
+            connect,
+            held,
+            base,
+            puts: Vec::new(),
+            gets: Vec::new(),
+            flushes: Vec::new(),
+            held_bytes: Vec::new(),
+            rss_growth: Vec::new(),
+        })
     }
-    let spread = |v: &[OpFigures]| {
-        let ops = v.iter().map(|f| f.ops_per_s);
-        (
-            ops.clone().fold(f64::INFINITY, f64::min),
-            ops.fold(0.0, f64::max),
-        )
-    };
-    held_bytes.sort_unstable();
-    rss_growth.sort_unstable();
-    Ok(TargetFigures {
-        name: name.to_owned(),
-        put_spread: spread(&puts),
-        get_spread: spread(&gets),
-        put: median_by(&mut puts, |f| f.ops_per_s),
-        get: median_by(&mut gets, |f| f.ops_per_s),
-        flush: median_by(&mut flushes, |f| f.ops_per_s),
-        held_bytes: held_bytes[held_bytes.len() / 2],
-        rss_growth_bytes: rss_growth[rss_growth.len() / 2],
-    })
+
+    /// One run: every page put, got back (checked byte for byte) and flushed.
+    fn run(&mut self, pages: &[Page], clients: usize, r: usize) -> Result<()> {
+        let mut conns = (0..clients)
+            .map(|c| (self.connect)(c, r))
+            .collect::<Result<Vec<_>>>()?;
+        let pid = self.pid;
+        self.puts
+            .push(phase(&mut conns, pages, pid, &|c, i, p, _| c.put(i, p))?);
+        self.rss_growth
+            .push(rss_of(pid).saturating_sub(self.base.1));
+        self.held_bytes
+            .push((self.held)()?.saturating_sub(self.base.0));
+        self.gets
+            .push(phase(&mut conns, pages, pid, &|c, i, p, out| {
+                if !c.get(i, out)? {
+                    bail!("page {i} is missing");
+                }
+                if out != p {
+                    bail!("page {i} came back different");
+                }
+                Ok(())
+            })?);
+        self.flushes
+            .push(phase(&mut conns, pages, pid, &|c, i, _, _| c.flush(i))?);
+        Ok(())
+    }
+
+    fn figures(mut self) -> TargetFigures {
+        let spread = |v: &[OpFigures]| {
+            let ops = v.iter().map(|f| f.ops_per_s);
+            (
+                ops.clone().fold(f64::INFINITY, f64::min),
+                ops.fold(0.0, f64::max),
+            )
+        };
+        self.held_bytes.sort_unstable();
+        self.rss_growth.sort_unstable();
+        TargetFigures {
+            put_spread: spread(&self.puts),
+            get_spread: spread(&self.gets),
+            put: median_by(&mut self.puts, |f| f.ops_per_s),
+            get: median_by(&mut self.gets, |f| f.ops_per_s),
+            flush: median_by(&mut self.flushes, |f| f.ops_per_s),
+            held_bytes: self.held_bytes[self.held_bytes.len() / 2],
+            rss_growth_bytes: self.rss_growth[self.rss_growth.len() / 2],
+            name: self.name,
+        }
+    }
 }
 
 fn stat(c: &mut Client, name: &str) -> Result<u64> {
@@ -440,7 +471,9 @@ fn stat(c: &mut Client, name: &str) -> Result<u64> {
         .map_or(0, |(_, v)| v))
 }
 
-/// Runs the bench on `pages` with `clients` clients, `runs` runs per target.
+/// Runs the bench on `pages` with `clients` clients, `runs` runs per target. Every server is
+/// up for the whole bench and the runs go round the targets in turn, so a slow moment of
+/// the machine falls on all of them alike.
 pub fn bench(
     pages: &[Page],
     sources: Vec<String>,
@@ -449,6 +482,7 @@ pub fn bench(
     store_args: &[String],
 ) -> Result<TmemBench> {
     let mut targets = Vec::new();
+    let mut procs = Vec::new();
     let mib = (pages.len() * 4096 * 3 / 2 / (1 << 20)).max(64);
 
     // memcached, with room for every page (nothing evicted), on a Unix socket.
@@ -471,21 +505,19 @@ pub fn bench(
     )?;
     let mc_addr = format!("unix:{}", mc_sock.display());
     let mc_stats = MemcachedBackend::connect(&mc_addr)?;
-    let mc_held = || -> Result<u64> { Ok(mc_stats.usage()?.bytes) };
-    targets.push(measure(
+    let addr = mc_addr.clone();
+    targets.push(Target::new(
         "memcached, straight (set/get/delete)",
-        pages,
-        clients,
-        runs,
         mc.child.id(),
-        &|c, r| {
+        Box::new(move |c, r| {
             Ok(Box::new(McConn {
-                b: MemcachedBackend::connect(&mc_addr)?,
+                b: MemcachedBackend::connect(&addr)?,
                 ns: u128::try_from(c + 1000 * r).expect("small"),
             }) as Box<dyn Conn>)
-        },
-        &mc_held,
+        }),
+        Box::new(move || Ok(mc_stats.usage()?.bytes)),
     )?);
+    procs.push(mc);
 
     // Redis, in memory (no persistence: its fastest), on a Unix socket.
     let dir = tempdir("redis")?;
@@ -504,39 +536,38 @@ pub fn bench(
     let r_url = format!("redis+unix://{}", r_sock.display());
     let r_stats = RedisBackend::connect(&r_url)?;
     let redis_durability = r_stats.durability().to_owned();
-    let r_held = || -> Result<u64> { Ok(r_stats.usage()?.bytes) };
-    targets.push(measure(
+    let url = r_url.clone();
+    targets.push(Target::new(
         "Redis, straight (SET/GET/DEL)",
-        pages,
-        clients,
-        runs,
         rd.child.id(),
-        &|c, r| {
-            let client = redis::Client::open(r_url.as_str())?;
+        Box::new(move |c, r| {
+            let client = redis::Client::open(url.as_str())?;
             Ok(Box::new(RedisConn {
                 c: client.get_connection()?,
                 prefix: format!("b{r}:{c}:"),
             }) as Box<dyn Conn>)
-        },
-        &r_held,
+        }),
+        Box::new(move || Ok(r_stats.usage()?.bytes)),
     )?);
+    procs.push(rd);
 
     // The tmem server, as a process of its own like the others, on each backend.
     let exe = std::env::current_exe()?;
-    let configs: [(&str, &str, &str, PoolFlags); 3] = [
+    let persistent = PoolFlags {
+        kind: Kind::Persistent,
+        shared: false,
+    };
+    let configs = [
         (
             "tmem server, local pagestore (persistent pool)",
-            "local",
-            "local",
-            PoolFlags {
-                kind: Kind::Persistent,
-                shared: false,
-            },
+            "local".to_owned(),
+            "local".to_owned(),
+            persistent,
         ),
         (
             "tmem server -> memcached (shared ephemeral pool)",
-            &format!("memcached={mc_addr}"),
-            "local",
+            format!("memcached={mc_addr}"),
+            "local".to_owned(),
             PoolFlags {
                 kind: Kind::Ephemeral,
                 shared: true,
@@ -544,16 +575,13 @@ pub fn bench(
         ),
         (
             "tmem server -> Redis (persistent pool)",
-            "local",
-            &format!("redis={r_url}"),
-            PoolFlags {
-                kind: Kind::Persistent,
-                shared: false,
-            },
+            "local".to_owned(),
+            format!("redis={r_url}"),
+            persistent,
         ),
     ];
     for (name, eph, pers, flags) in configs {
-        let dir = tempdir("tmem")?;
+        let dir = tempdir(&format!("tmem{}", targets.len()))?;
         let sock = dir.join("tmem.sock");
         let server = start(
             "memvisor tmem serve",
@@ -561,7 +589,7 @@ pub fn bench(
             Command::new(&exe)
                 .args(["tmem", "serve", "--unix"])
                 .arg(&sock)
-                .args(["--ephemeral", eph, "--persistent", pers])
+                .args(["--ephemeral", &eph, "--persistent", &pers])
                 .args(["--pages", &(pages.len() * 2).to_string()])
                 .args(store_args),
             &sock,
@@ -575,37 +603,37 @@ pub fn bench(
         // Behind a remote backend the pages sit in memcached or Redis as they are (their
         // own rows say what that costs); the tmem server's RSS growth is its own overhead.
         let remote = eph != "local" || pers != "local";
-        let held = || -> Result<u64> {
-            if remote {
-                return Ok(0);
-            }
-            stat(&mut admin, field)
-        };
-        let held = std::sync::Mutex::new(held);
-
-        targets.push(measure(
+        targets.push(Target::new(
             name,
-            pages,
-            clients,
-            runs,
             server.child.id(),
-            &|c, r| {
+            Box::new(move |c, r| {
                 let mut cl = Client::unix(&sock, &format!("bench{c}"))?;
                 let pool = cl.new_pool(flags, u128::try_from(c + 1000 * r).expect("small"))?;
                 Ok(Box::new(TmemConn { c: cl, pool }) as Box<dyn Conn>)
-            },
-            &|| (held.lock().expect("one thread"))(),
+            }),
+            Box::new(move || {
+                if remote {
+                    Ok(0)
+                } else {
+                    stat(&mut admin, field)
+                }
+            }),
         )?);
-        drop(server);
+        procs.push(server);
     }
-    drop(mc);
-    drop(rd);
+    for r in 0..runs {
+        for t in &mut targets {
+            t.run(pages, clients, r)
+                .with_context(|| format!("measuring {}", t.name))?;
+        }
+    }
+    drop(procs);
     Ok(TmemBench {
         pages: pages.len(),
         sources,
         clients,
         runs,
-        targets,
+        targets: targets.into_iter().map(Target::figures).collect(),
         redis_durability,
     })
 }
@@ -616,7 +644,7 @@ pub fn render(b: &TmemBench) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "pages: {} ({:.1} MiB) from {} source(s); {} clients at once; median of {} runs",
+        "pages: {} ({:.1} MiB) from {} source(s); {} clients at once; median of {} runs, taken in turn",
         b.pages,
         b.pages as f64 * 4096.0 / (1 << 20) as f64,
         b.sources.len(),
