@@ -29,15 +29,17 @@ impl std::fmt::Debug for LocalBackend {
     }
 }
 
-type ObjectKey = (u128, Kind, Oid);
+/// A pool's namespace and kind.
+type PoolKey = (u128, Kind);
 
 struct Index {
     /// Ephemeral pages, most recently used last: one order across all clients and pools, so
     /// the coldest page anywhere goes first.
     ephemeral: LruCache<Key, PageId>,
     persistent: HashMap<Key, PageId>,
-    /// Each object's indices, for flush_object and flush_pool.
-    objects: HashMap<ObjectKey, HashSet<u32>>,
+    /// Each pool's objects and their indices, for flush_object, flush_pool and pool_pages
+    /// without a scan of every object.
+    objects: HashMap<PoolKey, HashMap<Oid, HashSet<u32>>>,
 }
 
 impl Index {
@@ -46,14 +48,33 @@ impl Index {
             Kind::Ephemeral => self.ephemeral.pop(key),
             Kind::Persistent => self.persistent.remove(key),
         }?;
-        let ok = (key.ns, key.kind, key.oid);
-        if let Some(set) = self.objects.get_mut(&ok) {
+        self.unlink(key);
+        Some(id)
+    }
+
+    fn link(&mut self, key: &Key) {
+        self.objects
+            .entry((key.ns, key.kind))
+            .or_default()
+            .entry(key.oid)
+            .or_default()
+            .insert(key.index);
+    }
+
+    fn unlink(&mut self, key: &Key) {
+        let pk = (key.ns, key.kind);
+        let Some(pool) = self.objects.get_mut(&pk) else {
+            return;
+        };
+        if let Some(set) = pool.get_mut(&key.oid) {
             set.remove(&key.index);
             if set.is_empty() {
-                self.objects.remove(&ok);
+                pool.remove(&key.oid);
             }
         }
-        Some(id)
+        if pool.is_empty() {
+            self.objects.remove(&pk);
+        }
     }
 }
 
@@ -115,22 +136,13 @@ impl Backend for LocalBackend {
                     ix.persistent.insert(*key, id)
                 }
             };
-            ix.objects
-                .entry((key.ns, key.kind, key.oid))
-                .or_default()
-                .insert(key.index);
+            ix.link(key);
             if key.kind == Kind::Ephemeral {
                 while ix.ephemeral.len() > self.ephemeral_cap {
                     let Some((k, victim)) = ix.ephemeral.pop_lru() else {
                         break;
                     };
-                    let ok = (k.ns, k.kind, k.oid);
-                    if let Some(set) = ix.objects.get_mut(&ok) {
-                        set.remove(&k.index);
-                        if set.is_empty() {
-                            ix.objects.remove(&ok);
-                        }
-                    }
+                    ix.unlink(&k);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     dropped.push(victim);
                 }
@@ -186,7 +198,15 @@ impl Backend for LocalBackend {
     fn flush_object(&self, ns: u128, kind: Kind, oid: &Oid) -> Result<Option<u64>, TmemError> {
         let ids: Vec<PageId> = {
             let mut ix = self.index.lock();
-            let indices = ix.objects.remove(&(ns, kind, *oid)).unwrap_or_default();
+            let pk = (ns, kind);
+            let indices = ix
+                .objects
+                .get_mut(&pk)
+                .and_then(|pool| pool.remove(oid))
+                .unwrap_or_default();
+            if ix.objects.get(&pk).is_some_and(HashMap::is_empty) {
+                ix.objects.remove(&pk);
+            }
             indices
                 .into_iter()
                 .filter_map(|index| {
@@ -209,36 +229,46 @@ impl Backend for LocalBackend {
     }
 
     fn flush_pool(&self, ns: u128, kind: Kind, _: bool) -> Result<(), TmemError> {
-        let oids: Vec<Oid> = self
-            .index
-            .lock()
-            .objects
-            .keys()
-            .filter(|(n, k, _)| *n == ns && *k == kind)
-            .map(|(_, _, o)| *o)
-            .collect();
-        for oid in oids {
-            self.flush_object(ns, kind, &oid)?;
-        }
-        Ok(())
+        let ids: Vec<PageId> = {
+            let mut ix = self.index.lock();
+            let pool = ix.objects.remove(&(ns, kind)).unwrap_or_default();
+            let mut ids = Vec::new();
+            for (oid, indices) in pool {
+                for index in indices {
+                    let key = Key {
+                        ns,
+                        kind,
+                        oid,
+                        index,
+                    };
+                    ids.extend(match kind {
+                        Kind::Ephemeral => ix.ephemeral.pop(&key),
+                        Kind::Persistent => ix.persistent.remove(&key),
+                    });
+                }
+            }
+            ids
+        };
+        self.release(ids)
     }
 
     fn pool_pages(&self, ns: u128, kind: Kind) -> Result<u64, TmemError> {
         let ix = self.index.lock();
         Ok(ix
             .objects
-            .iter()
-            .filter(|((n, k, _), _)| *n == ns && *k == kind)
-            .map(|(_, set)| set.len() as u64)
-            .sum())
+            .get(&(ns, kind))
+            .map_or(0, |pool| pool.values().map(|set| set.len() as u64).sum()))
     }
 
     fn usage(&self) -> Result<Usage, TmemError> {
         let ix = self.index.lock();
         let pages = (ix.ephemeral.len() + ix.persistent.len()) as u64;
         // The index itself: a key, an id and the LRU's links (or the table's slot) per page.
-        let index_bytes =
-            pages * (std::mem::size_of::<Key>() as u64 + 8 + 16) + ix.objects.len() as u64 * 64;
+        let index_bytes = pages * (std::mem::size_of::<Key>() as u64 + 8 + 16)
+            + ix.objects
+                .values()
+                .map(|p| p.len() as u64 * 64)
+                .sum::<u64>();
         drop(ix);
         Ok(Usage {
             pages,

@@ -17,7 +17,13 @@ pub struct RedisBackend {
     client: redis::Client,
     idle: Mutex<Vec<Connection>>,
     durability: String,
+    /// The page count scans every tmem key: it is taken at most once per
+    /// [`PAGES_CACHE`], so STATS from any client cannot keep Redis busy.
+    pages: Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How long a page count is reused.
+const PAGES_CACHE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +74,7 @@ impl RedisBackend {
             client,
             idle: Mutex::new(vec![c]),
             durability,
+            pages: Mutex::new(None),
         })
     }
 
@@ -235,6 +242,16 @@ impl Backend for RedisBackend {
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
                 .unwrap_or(0)
         };
+        let cached = *self.pages.lock();
+        if let Some((at, pages)) = cached
+            && at.elapsed() < PAGES_CACHE
+        {
+            return Ok(Usage {
+                pages,
+                bytes: field("used_memory"),
+                evictions: 0,
+            });
+        }
         // Pages: the sum of every tmem object's length.
         let keys: Vec<String> = self.with_conn("SCAN", |c| {
             let it: redis::Iter<String> = c.scan_match("tm:*:objs")?;
@@ -249,6 +266,7 @@ impl Backend for RedisBackend {
                 pages += len;
             }
         }
+        *self.pages.lock() = Some((std::time::Instant::now(), pages));
         Ok(Usage {
             pages,
             // What the server took from its allocator, as it reports it (used_memory_rss
