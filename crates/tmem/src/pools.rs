@@ -442,6 +442,25 @@ impl Tmem {
         Ok((p.ns, p.flags))
     }
 
+    /// The backend key of page (`oid`, `index`) of `pool`, and the pool's flags, if `client`
+    /// is a member.
+    fn key(
+        &self,
+        client: ClientId,
+        pool: PoolId,
+        oid: Oid,
+        index: u32,
+    ) -> Result<(Key, PoolFlags), TmemError> {
+        let (ns, flags) = self.member(client, pool)?;
+        let key = Key {
+            ns,
+            kind: flags.kind,
+            oid,
+            index,
+        };
+        Ok((key, flags))
+    }
+
     fn stripe(&self, key: &Key) -> parking_lot::MutexGuard<'_, ()> {
         let mut bytes = [0u8; 44];
         bytes[..16].copy_from_slice(&key.ns.to_le_bytes());
@@ -478,13 +497,8 @@ impl Tmem {
         page: &Page,
     ) -> Result<bool, TmemError> {
         self.puts.fetch_add(1, Ordering::Relaxed);
-        let (ns, flags) = self.member(client, pool)?;
-        let key = Key {
-            ns,
-            kind: flags.kind,
-            oid,
-            index,
-        };
+        let (key, flags) = self.key(client, pool, oid, index)?;
+        let ns = key.ns;
         let backend = self.backend(flags.kind);
         let persistent = flags.kind == Kind::Persistent;
         let _g = self.stripe(&key);
@@ -531,13 +545,7 @@ impl Tmem {
         out: &mut Page,
     ) -> Result<bool, TmemError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
-        let (ns, flags) = self.member(client, pool)?;
-        let key = Key {
-            ns,
-            kind: flags.kind,
-            oid,
-            index,
-        };
+        let (key, flags) = self.key(client, pool, oid, index)?;
         let take = flags.kind == Kind::Ephemeral && !flags.shared;
         let hit = {
             let _g = self.stripe(&key);
@@ -558,13 +566,8 @@ impl Tmem {
         index: u32,
     ) -> Result<bool, TmemError> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        let (ns, flags) = self.member(client, pool)?;
-        let key = Key {
-            ns,
-            kind: flags.kind,
-            oid,
-            index,
-        };
+        let (key, flags) = self.key(client, pool, oid, index)?;
+        let ns = key.ns;
         let had = {
             let _g = self.stripe(&key);
             self.backend(flags.kind).flush_page(&key)?

@@ -83,18 +83,23 @@ impl RedisBackend {
         &self.durability
     }
 
+    /// A pooled connection, or a new one.
+    fn conn(&self) -> Result<Connection, TmemError> {
+        match self.idle.lock().pop() {
+            Some(c) => Ok(c),
+            None => self
+                .client
+                .get_connection()
+                .map_err(|e| remote(&self.url, "cannot connect", e)),
+        }
+    }
+
     fn with_conn<T>(
         &self,
         what: &str,
         f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T, TmemError> {
-        let mut c = match self.idle.lock().pop() {
-            Some(c) => c,
-            None => self
-                .client
-                .get_connection()
-                .map_err(|e| remote(&self.url, "cannot connect", e))?,
-        };
+        let mut c = self.conn()?;
         match f(&mut c) {
             Ok(v) => {
                 self.idle.lock().push(c);
@@ -141,13 +146,7 @@ impl Backend for RedisBackend {
         let obj = object_key(key.ns, &key.oid);
         let objs = objects_key(key.ns);
         let r = {
-            let mut c = match self.idle.lock().pop() {
-                Some(c) => c,
-                None => self
-                    .client
-                    .get_connection()
-                    .map_err(|e| remote(&self.url, "cannot connect", e))?,
-            };
+            let mut c = self.conn()?;
             let r: redis::RedisResult<(i64, i64)> = redis::pipe()
                 .atomic()
                 .hset(&obj, key.index, &page[..])

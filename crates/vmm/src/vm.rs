@@ -157,15 +157,10 @@ impl Vm {
         console: W,
         input: Option<BorrowedFd<'_>>,
     ) -> Result<(Exit, W), VmError> {
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
-            return Err(VmError::Vcpus(vcpus));
-        }
+        check_vcpus(vcpus)?;
         x86::write_tables(&self.mem, self.ram).map_err(VmError::Tables)?;
         let (entry, image_end) = loader::load(&self.mem, self.ram, image)?;
-        let cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("reporting supported CPUID"))?;
+        let cpuid = self.supported_cpuid()?;
         let fds = (0..vcpus)
             .map(|i| {
                 let vcpu = self
@@ -204,14 +199,9 @@ impl Vm {
         console: W,
         input: Option<BorrowedFd<'_>>,
     ) -> Result<(Exit, W), VmError> {
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
-            return Err(VmError::Vcpus(vcpus));
-        }
+        check_vcpus(vcpus)?;
         let loaded = linux::load(&self.mem, self.ram, boot, vcpus)?;
-        let base = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("reporting supported CPUID"))?;
+        let base = self.supported_cpuid()?;
         let msrs = linux::msrs();
         let fds = (0..vcpus)
             .map(|i| {
@@ -242,6 +232,13 @@ impl Vm {
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
         self.run_vcpus(fds, console, input)
+    }
+
+    /// The CPUID KVM can give a guest on this host.
+    fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("reporting supported CPUID"))
     }
 
     /// Runs `fds`, each on a thread, until one ends the VM, then stops the rest.
@@ -306,6 +303,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The most vCPUs a VM has: the kit's stacks are 64 KiB each in the top MiB of RAM.
 pub const MAX_VCPUS: u8 = 16;
+
+fn check_vcpus(vcpus: u8) -> Result<(), VmError> {
+    if (1..=MAX_VCPUS).contains(&vcpus) {
+        Ok(())
+    } else {
+        Err(VmError::Vcpus(vcpus))
+    }
+}
 
 /// COM1's ISA interrupt.
 const SERIAL_IRQ: u32 = 4;
