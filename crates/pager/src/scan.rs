@@ -1,0 +1,333 @@
+//! The scanner: NRU aging, write-protect arming, and race-free reclaim within a CPU budget.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use pagestore::{PAGE_SIZE, PageId, is_zero};
+
+use crate::Inner;
+use crate::region::{Aged, BUSY_FAULT, BUSY_RECLAIM, EMPTY, Meta, PAGE, RESIDENT, Region, STORED};
+use crate::stats::{Form, thread_cpu_ns};
+use crate::uffd::Resolved;
+
+/// Pages reclaimed per batch: one write-protect and one `MADV_DONTNEED` per contiguous run,
+/// and one remove event for the handlers to read per run.
+pub(crate) const BATCH: usize = 256;
+
+pub(crate) fn run(inner: &Arc<Inner>) {
+    let mut cpu_mark = thread_cpu_ns();
+    let mut next = Instant::now();
+    while !inner.stop.load(Relaxed) {
+        let policy = *inner.policy.lock();
+        let now = Instant::now();
+        if now < next || !inner.scanning.load(Relaxed) {
+            let wait = next
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(50));
+            std::thread::sleep(wait.max(Duration::from_millis(1)));
+            continue;
+        }
+        let started = Instant::now();
+        let start_cpu = thread_cpu_ns();
+        scan_once(inner, &policy, started, start_cpu);
+        inner.counters.scans.fetch_add(1, Relaxed);
+        let cpu = thread_cpu_ns();
+        inner
+            .counters
+            .scanner_cpu_ns
+            .fetch_add(cpu.saturating_sub(cpu_mark), Relaxed);
+        cpu_mark = cpu;
+        next = started + policy.interval;
+    }
+}
+
+/// Sleeps as long as it takes for the CPU spent since `start_cpu` to fit the budget.
+fn throttle(inner: &Inner, budget: f64, started: Instant, start_cpu: u64) {
+    let used = thread_cpu_ns().saturating_sub(start_cpu) as f64 / 1e9;
+    let allowed = started.elapsed().as_secs_f64() * budget;
+    if used > allowed && !inner.stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_secs_f64(
+            ((used - allowed) / budget).min(1.0),
+        ));
+    }
+}
+
+fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu: u64) {
+    let regions: Vec<Arc<Region>> = inner.regions.read().clone();
+    let mut nru = [0u64; 4];
+    // (scans past cold, region, page) of the resident pages that may go.
+    let mut idle: Vec<(u32, usize, usize)> = Vec::new();
+    let mut resident = 0u64;
+    for (ri, region) in regions.iter().enumerate() {
+        let mut arm_from: Option<usize> = None;
+        for ix in 0..region.pages() {
+            let mut arm = true;
+            let mut verdict = None;
+            region.update(ix, |m| {
+                if m.state() != RESIDENT {
+                    return None;
+                }
+                let (n, a) = m.aged();
+                verdict = Some((a, n.backoff()));
+                Some(n)
+            });
+            if let Some((a, backoff)) = verdict {
+                resident += 1;
+                match a {
+                    Aged::Modified { arm: a } => {
+                        nru[0] += 1;
+                        arm = a;
+                    }
+                    Aged::Referenced => nru[1] += 1,
+                    Aged::Idle { age } => {
+                        let cold = policy.cold_scans << backoff;
+                        nru[if age >= policy.cold_scans { 3 } else { 2 }] += 1;
+                        // First field: how far past cold (0: idle, not yet cold).
+                        if age >= cold {
+                            idle.push((age - cold + 1, ri, ix));
+                        } else if policy.target_resident.is_some() {
+                            idle.push((0, ri, ix));
+                        }
+                    }
+                }
+            }
+            // Arm write protection in runs; a resting hot page breaks a run.
+            match (arm, arm_from) {
+                (true, None) => arm_from = Some(ix),
+                (false, Some(from)) => {
+                    arm_range(inner, region, from, ix);
+                    arm_from = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = arm_from {
+            arm_range(inner, region, from, region.pages());
+        }
+        throttle(inner, policy.cpu_budget, started, start_cpu);
+    }
+    for (slot, n) in inner.counters.nru.iter().zip(nru) {
+        slot.store(n, Relaxed);
+    }
+    // Cold pages go first, in address order so that runs are long; then, with a target,
+    // idle pages, longest idle first, until under it.
+    let (mut cold, mut warm): (Vec<_>, Vec<_>) = idle.into_iter().partition(|p| p.0 > 0);
+    cold.sort_unstable_by_key(|p| (p.1, p.2));
+    warm.sort_unstable_by_key(|p| std::cmp::Reverse(p.0));
+    let mut over = policy
+        .target_resident
+        .map_or(0, |t| (resident * PAGE).saturating_sub(t) / PAGE);
+    let mut batch: Vec<usize> = Vec::with_capacity(BATCH);
+    let mut batch_region = usize::MAX;
+    let n_cold = cold.len();
+    for (i, (_, ri, ix)) in cold.into_iter().chain(warm).enumerate() {
+        if i >= n_cold && over == 0 {
+            break;
+        }
+        if ri != batch_region || batch.len() == BATCH {
+            if !batch.is_empty() {
+                let n = reclaim(inner, &regions[batch_region], &batch);
+                over = over.saturating_sub(n as u64);
+                throttle(inner, policy.cpu_budget, started, start_cpu);
+            }
+            batch.clear();
+            batch_region = ri;
+        }
+        batch.push(ix);
+        if inner.stop.load(Relaxed) || !inner.scanning.load(Relaxed) {
+            return;
+        }
+    }
+    if !batch.is_empty() {
+        reclaim(inner, &regions[batch_region], &batch);
+    }
+}
+
+fn arm_range(inner: &Inner, region: &Region, from: usize, to: usize) {
+    if from >= to {
+        return;
+    }
+    let len = (to - from) as u64 * PAGE;
+    // Arming is only a hint for aging (reclaim protects each page itself), so a retry
+    // later is as good as now.
+    let _ = inner.uffd.write_protect(region.addr(from), len, true);
+}
+
+/// Calls `f` on each run of consecutive page indices in `ixs` (sorted).
+fn runs(ixs: &[usize], mut f: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    while i < ixs.len() {
+        let mut j = i + 1;
+        while j < ixs.len() && ixs[j] == ixs[j - 1] + 1 {
+            j += 1;
+        }
+        f(ixs[i], ixs[j - 1] + 1);
+        i = j;
+    }
+}
+
+/// Retries a write-protect or drop that the kernel refused for an unread remove event:
+/// the handlers read it within microseconds.
+fn until_done(mut f: impl FnMut() -> Result<Resolved, crate::UffdError>) -> bool {
+    for _ in 0..100_000 {
+        match f() {
+            Ok(Resolved::Again) => std::thread::yield_now(),
+            Ok(_) => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Reclaims the pages `ixs` (sorted) of `region`: write-protect, copy, store, drop. Returns
+/// how many went to the store. A page that is busy or not resident is skipped.
+pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
+    let c = &inner.counters;
+    let mut ixs: Vec<usize> = ixs.to_vec();
+    ixs.sort_unstable();
+    let mut locked: Vec<(usize, Meta)> = Vec::with_capacity(ixs.len());
+    for &ix in &ixs {
+        if let Ok(m) = region.try_lock(ix, BUSY_RECLAIM) {
+            if m.state() == RESIDENT {
+                locked.push((ix, m));
+            } else {
+                region.unlock(ix, m);
+            }
+        }
+    }
+    if locked.is_empty() {
+        return 0;
+    }
+    // 1. Write-protect: from here no one can change these pages.
+    let lix: Vec<usize> = locked.iter().map(|p| p.0).collect();
+    let mut protected = true;
+    runs(&lix, |a, b| {
+        let (addr, len) = (region.addr(a), (b - a) as u64 * PAGE);
+        protected &= until_done(|| inner.uffd.write_protect(addr, len, true));
+    });
+    if !protected {
+        for &(ix, m) in &locked {
+            region.unlock(ix, m);
+        }
+        c.reclaim_aborted.fetch_add(locked.len() as u64, Relaxed);
+        return 0;
+    }
+    // 2. Copy each page out and into the store.
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    let mut stored: Vec<(usize, Meta, PageId, Form)> = Vec::with_capacity(locked.len());
+    for &(ix, m) in &locked {
+        // SAFETY: the page lies inside the region's mapping, which stays mapped while the
+        // region is managed; it is write-protected, so its bytes cannot change under us.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                region.addr(ix) as *const u8,
+                page.as_mut_ptr(),
+                PAGE_SIZE,
+            );
+        }
+        if is_zero(&page) {
+            stored.push((ix, m, PageId::ZERO, Form::Zero));
+            continue;
+        }
+        match inner.store.insert_with_outcome(&page) {
+            Ok((id, outcome)) => stored.push((ix, m, id, Form::of(outcome))),
+            Err(_) => {
+                region.unlock(ix, m);
+                c.reclaim_aborted.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    // 3. Publish "stored" (still held), then drop the frames. A fault from now on waits
+    //    for the unlock below and is served from the store.
+    for &(ix, m, id, form) in &stored {
+        region.ids[ix].store(id.as_u64(), Relaxed);
+        let held = m.with_state(STORED).with_form(form).set(BUSY_RECLAIM);
+        region.meta[ix].store(held.0, std::sync::atomic::Ordering::Release);
+    }
+    let six: Vec<usize> = stored.iter().map(|p| p.0).collect();
+    let mut dropped = true;
+    runs(&six, |a, b| {
+        let range = (region.addr(a), region.addr(b));
+        inner.own_removes.lock().push(range);
+        // SAFETY: [a, b) pages lie inside the region's mapping; dropping them is what
+        // reclaim is for, and their content is in the store.
+        let r = unsafe {
+            libc::madvise(
+                region.addr(a) as *mut libc::c_void,
+                (b - a) * PAGE_SIZE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        dropped &= r == 0;
+    });
+    if !dropped {
+        // madvise on a private anonymous mapping fails only if it was unmapped under us;
+        // the pages are gone either way. Fail loudly rather than guess.
+        inner.fail(&format!("MADV_DONTNEED failed on {}", region.name));
+    }
+    region.resident.fetch_sub(stored.len() as i64, Relaxed);
+    for &(ix, m, _, form) in &stored {
+        // The state word already says STORED; unlock must not count it twice.
+        let n = m.with_state(STORED).with_form(form).with_age(0);
+        region.meta[ix].store(n.0, std::sync::atomic::Ordering::Release);
+    }
+    c.reclaimed.fetch_add(stored.len() as u64, Relaxed);
+    inner.kick_handlers();
+    stored.len()
+}
+
+/// Writes every stored page of `region` back into it (detach: nothing is lost).
+pub(crate) fn restore_all(inner: &Inner, region: &Region) {
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    for ix in 0..region.pages() {
+        loop {
+            match region.try_lock(ix, BUSY_FAULT) {
+                Ok(m) if m.state() == STORED => {
+                    let id = PageId::from_u64(region.ids[ix].load(Relaxed));
+                    if m.form() == Form::Zero {
+                        page.fill(0);
+                    } else if inner.store.read(id, &mut page).is_err() {
+                        region.unlock(ix, m);
+                        break;
+                    }
+                    let ok = until_done(|| inner.uffd.copy(region.addr(ix), &page, true));
+                    if ok {
+                        if m.form() != Form::Zero {
+                            let _ = inner.store.remove(id);
+                        }
+                        region.unlock(ix, m.with_state(RESIDENT));
+                    } else {
+                        region.unlock(ix, m);
+                    }
+                    break;
+                }
+                Ok(m) => {
+                    region.unlock(ix, m);
+                    break;
+                }
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+    }
+}
+
+/// Forgets every stored page of `region` (its owner discards the memory).
+pub(crate) fn drop_all(inner: &Inner, region: &Region) {
+    for ix in 0..region.pages() {
+        loop {
+            match region.try_lock(ix, BUSY_FAULT) {
+                Ok(m) => {
+                    if m.state() == STORED && m.form() != Form::Zero {
+                        let _ = inner
+                            .store
+                            .remove(PageId::from_u64(region.ids[ix].load(Relaxed)));
+                    }
+                    region.unlock(ix, m.with_state(EMPTY));
+                    break;
+                }
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+    }
+}
