@@ -4,15 +4,21 @@
 //! (the pager, snapshots) can manage it; vCPUs each on a thread; port I/O devices (a 16550
 //! console from vm-superio, an exit port, the i8042 reset); and the x86 boot path of the guest
 //! kit: long mode, identity-mapped, started directly in ring 3, where KVM's PVM backend runs
-//! guest code natively. docs/vmm.md has the details and what was measured.
+//! guest code natively. A [`Control`] lets the host follow and stop a running kit guest, and
+//! [`Vm::load_replay`] sets up the replay guest, which walks a real memory image with a
+//! hot/warm/cold skew. docs/vmm.md has the details and what was measured.
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod devices;
 pub mod kit;
 pub mod linux;
 pub mod loader;
+pub mod replay;
 mod vm;
 pub mod x86;
 
+pub use control::Control;
 pub use linux::{LinuxBoot, LinuxError};
+pub use replay::{ReplayError, ReplayParams, replay_ram_size};
 pub use vm::{Exit, Vm, VmError};

@@ -3,16 +3,19 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::control::{self, Control};
 use crate::devices::{IrqLine, PortAction, Ports};
 use crate::linux::{self, LinuxBoot, LinuxError};
 use crate::loader::{self, LoadError};
+use crate::replay::ReplayError;
 use crate::x86;
 
 /// Why a VM could not be made or run.
@@ -48,6 +51,12 @@ pub enum VmError {
     /// the console's interrupt could not be wired
     #[error("wiring the serial console's interrupt")]
     SerialIrq(#[source] std::io::Error),
+    /// the host ended the run with [`Control::abort`]
+    #[error("VM aborted by the host: {0}")]
+    Aborted(String),
+    /// a memory image could not be set up for the replay guest
+    #[error("setting up the replay guest's memory image")]
+    Replay(#[from] ReplayError),
     /// the guest stopped in a way that is not an exit
     #[error("guest stopped: {what} (vCPU {vcpu}; {regs})")]
     Guest {
@@ -137,6 +146,22 @@ impl Vm {
         &self.mem
     }
 
+    /// Guest RAM's host mapping: its first byte (guest physical 0) and its length in bytes.
+    /// The mapping lives as long as this VM; guest physical address `a` is at `start + a`.
+    pub fn ram_host_range(&self) -> (*mut u8, usize) {
+        let start = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("guest RAM starts at guest physical 0");
+        let len = usize::try_from(self.ram).expect("RAM size checked against usize in Vm::new");
+        (start, len)
+    }
+
+    /// Guest RAM's size in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.ram
+    }
+
     /// Boots a guest-kit image (a static ELF64 executable) in ring 3 on `vcpus` vCPUs (1 to
     /// 16), each on a thread of its own, with the console written to `console`, and runs it
     /// until one vCPU ends the VM; the others are then stopped.
@@ -156,6 +181,21 @@ impl Vm {
         vcpus: u8,
         console: W,
         input: Option<BorrowedFd<'_>>,
+    ) -> Result<(Exit, W), VmError> {
+        self.run_image_ctl(image, vcpus, console, input, None)
+    }
+
+    /// [`Vm::run_image_with_input`] under the host's `control`: the guest's progress reports
+    /// and pacing sleeps go there, and through it the host asks the guest to stop or aborts
+    /// the run (then `Err(VmError::Aborted)`). Without one, progress goes nowhere and the
+    /// guest is never asked to stop; pacing sleeps still happen.
+    pub fn run_image_ctl<W: Write + Send>(
+        &self,
+        image: &[u8],
+        vcpus: u8,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+        control: Option<&Arc<Control>>,
     ) -> Result<(Exit, W), VmError> {
         check_vcpus(vcpus)?;
         x86::write_tables(&self.mem, self.ram).map_err(VmError::Tables)?;
@@ -185,7 +225,7 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
-        self.run_vcpus(fds, console, input)
+        self.run_vcpus(fds, console, input, control)
     }
 
     /// Boots Linux (a bzImage or ELF vmlinux, an initrd, a command line) on `vcpus` vCPUs (1
@@ -231,7 +271,7 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
-        self.run_vcpus(fds, console, input)
+        self.run_vcpus(fds, console, input, None)
     }
 
     /// The CPUID KVM can give a guest on this host.
@@ -241,12 +281,14 @@ impl Vm {
             .map_err(kvm("reporting supported CPUID"))
     }
 
-    /// Runs `fds`, each on a thread, until one ends the VM, then stops the rest.
+    /// Runs `fds`, each on a thread, until one ends the VM (or `control` aborts it), then
+    /// stops the rest.
     fn run_vcpus<W: Write + Send>(
         &self,
         fds: Vec<VcpuFd>,
         console: W,
         input: Option<BorrowedFd<'_>>,
+        control: Option<&Arc<Control>>,
     ) -> Result<(Exit, W), VmError> {
         register_kick_signal();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::SerialIrq)?;
@@ -255,19 +297,26 @@ impl Vm {
             .map_err(kvm("wiring the serial IRQ"))?;
         let line = IrqLine::new(Some(irq.try_clone().map_err(VmError::SerialIrq)?));
         let ports = Mutex::new(Ports::new(console, line));
-        let stop = Stop::new(fds.len());
+        let stop = Arc::new(Stop::new(fds.len()));
+        let control = control.map_or_else(|| Arc::new(Control::new()), Arc::clone);
+        control.attach(&stop);
+        let run = Run {
+            stop: &stop,
+            control: &control,
+            started: Instant::now(),
+        };
         std::thread::scope(|s| {
             if let Some(fd) = input {
-                let (ports, stop) = (&ports, &stop);
+                let (ports, stop) = (&ports, &*stop);
                 s.spawn(move || forward_input(fd, ports, stop));
             }
             for (i, mut vcpu) in fds.into_iter().enumerate() {
-                let (ports, stop) = (&ports, &stop);
+                let (ports, run) = (&ports, &run);
                 s.spawn(move || {
-                    stop.enter(i);
+                    run.stop.enter(i);
                     let id = i as u64;
                     let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_vcpu(&mut vcpu, id, ports, stop)
+                        run_vcpu(&mut vcpu, id, ports, run)
                     }))
                     .unwrap_or_else(|_| {
                         Some(Err(VmError::Guest {
@@ -276,11 +325,12 @@ impl Vm {
                             regs: String::new(),
                         }))
                     });
-                    stop.leave(i, ended);
+                    run.stop.leave(i, ended);
                 });
             }
             stop.kick_until_all_left();
         });
+        control.detach();
         // The VM is over; a failure to unwire is harmless (the VM's fd closes with it).
         let _ = self.fd.unregister_irqfd(&irq, SERIAL_IRQ);
         let exit = stop.outcome()?;
@@ -395,14 +445,25 @@ fn register_kick_signal() {
 }
 
 /// How the vCPU threads of one run agree to stop: the first to end the VM records how, and
-/// the others are kicked out of KVM_RUN until they have all left.
-struct Stop {
+/// the others are kicked out of KVM_RUN (and out of pacing sleeps) until they have all left.
+pub(crate) struct Stop {
     /// Each vCPU thread's state; only a running one is ever signalled (never one that may
     /// have exited).
     threads: Mutex<Vec<Thread>>,
     ended: Mutex<Option<Result<Exit, VmError>>>,
     flag: AtomicBool,
     changed: Condvar,
+    /// Pacing sleeps wait here, so that stopping the VM wakes them.
+    pause: Mutex<()>,
+    woken: Condvar,
+}
+
+impl std::fmt::Debug for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stop")
+            .field("stopping", &self.stopping())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +480,8 @@ impl Stop {
             ended: Mutex::new(None),
             flag: AtomicBool::new(false),
             changed: Condvar::new(),
+            pause: Mutex::new(()),
+            woken: Condvar::new(),
         }
     }
 
@@ -431,17 +494,47 @@ impl Stop {
         lock(&self.threads)[i] = Thread::Running(unsafe { libc::pthread_self() });
     }
 
-    /// Ends the VM from outside the vCPUs (the console's Ctrl-A x), unless it has ended.
-    fn end(&self, how: Result<Exit, VmError>) {
+    /// Ends the VM from outside the vCPUs (the console's Ctrl-A x, [`Control::abort`]),
+    /// unless it has ended.
+    pub(crate) fn end(&self, how: Result<Exit, VmError>) {
         {
             let mut slot = lock(&self.ended);
             if slot.is_none() {
                 *slot = Some(how);
             }
         }
-        let _threads = lock(&self.threads);
-        self.flag.store(true, Ordering::Release);
-        self.changed.notify_all();
+        {
+            let _threads = lock(&self.threads);
+            self.flag.store(true, Ordering::Release);
+            self.changed.notify_all();
+        }
+        self.wake_sleepers();
+    }
+
+    /// Wakes the vCPUs in a pacing sleep, once the flag is set: a sleeper checks the flag
+    /// under `pause`, so taking it here means none can miss the news.
+    fn wake_sleepers(&self) {
+        drop(lock(&self.pause));
+        self.woken.notify_all();
+    }
+
+    /// Sleeps `d`, or less if the VM stops meanwhile.
+    fn sleep(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut guard = lock(&self.pause);
+        while !self.stopping() {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            if left.is_zero() {
+                break;
+            }
+            guard = self
+                .woken
+                .wait_timeout(guard, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Called by a vCPU thread as it leaves: `ended` is how it ended the VM, or None when it
@@ -453,10 +546,13 @@ impl Stop {
                 *slot = Some(e);
             }
         }
-        let mut threads = lock(&self.threads);
-        threads[i] = Thread::Left;
-        self.flag.store(true, Ordering::Release);
-        self.changed.notify_all();
+        {
+            let mut threads = lock(&self.threads);
+            threads[i] = Thread::Left;
+            self.flag.store(true, Ordering::Release);
+            self.changed.notify_all();
+        }
+        self.wake_sleepers();
     }
 
     /// Waits for the first vCPU to end the VM, then signals the others until all have left.
@@ -514,21 +610,52 @@ fn regs(vcpu: &VcpuFd) -> String {
     }
 }
 
+/// What the vCPU threads of one run share besides the devices.
+struct Run<'a> {
+    stop: &'a Stop,
+    control: &'a Control,
+    /// When the run started: the clock port counts from here.
+    started: Instant,
+}
+
 /// Runs one vCPU until it ends the VM (`Some`) or is stopped because another did (`None`).
 fn run_vcpu<W: Write>(
     vcpu: &mut VcpuFd,
     id: u64,
     ports: &Mutex<Ports<W>>,
-    stop: &Stop,
+    run: &Run<'_>,
 ) -> Option<Result<Exit, VmError>> {
     let ports = || lock(ports);
     loop {
-        if stop.stopping() {
+        if run.stop.stopping() {
             return None;
         }
         let what = match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => return Some(Err(VmError::Kvm("running a vCPU", e))),
+            // The control ports are served here, without the devices' lock: a pacing sleep
+            // must not hold up the other vCPUs' console or exit.
+            Ok(VcpuExit::IoOut(control::PACE_PORT, data)) => {
+                let d = control::pace(data);
+                if !d.is_zero() {
+                    let t = Instant::now();
+                    run.stop.sleep(d);
+                    run.control.count_sleep(d, t.elapsed());
+                }
+                continue;
+            }
+            Ok(VcpuExit::IoOut(control::PROGRESS_PORT, data)) => {
+                run.control.report(data);
+                continue;
+            }
+            Ok(VcpuExit::IoIn(control::STOP_PORT, data)) => {
+                control::port_answer(data, u32::from(run.control.stop_requested()));
+                continue;
+            }
+            Ok(VcpuExit::IoIn(control::CLOCK_PORT, data)) => {
+                control::port_answer(data, control::clock(run.started.elapsed()));
+                continue;
+            }
             Ok(VcpuExit::IoOut(port, data)) => match ports().write(port, data) {
                 PortAction::None => continue,
                 PortAction::Exit(status) => return Some(Ok(Exit::Status(status))),

@@ -7,6 +7,19 @@
 //! vCPU starts at the entry point at once. A guest
 //! talks to the world with port I/O only: bytes to COM1 (0x3f8) are its console, a byte to
 //! port 0xf4 ends the VM with that byte as the exit status.
+//!
+//! The VMM's control ports (memvisor's `vmm::control`), through which the host follows and
+//! stops a guest:
+//!
+//! | port | access | what |
+//! |------|--------|------|
+//! | 0xf5 | `out` 32-bit | progress: this many more rounds of work done ([`report_rounds`]) |
+//! | 0xf6 | `in` | 1 once the host asked the guest to stop, else 0 ([`stop_requested`]); the guest then exits 0 |
+//! | 0xf7 | `out` 32-bit | pacing: sleep this many microseconds, at most 100 ms ([`pause_us`]) |
+//! | 0xf8 | `in` 32-bit | the host's clock: microseconds since the run started, wrapping ([`clock_us`]) |
+//!
+//! The control ports are served on the vCPU's own thread, so one vCPU's sleep holds up no
+//! other. Without a host control attached, progress goes nowhere and no stop ever comes.
 #![no_std]
 
 use core::arch::asm;
@@ -15,6 +28,14 @@ use core::arch::asm;
 const COM1: u16 = 0x3f8;
 /// The VMM's exit port.
 const EXIT_PORT: u16 = 0xf4;
+/// Progress reports: `out` 32-bit, rounds done since the last report.
+pub const PROGRESS_PORT: u16 = 0xf5;
+/// Stop requests: `in`, 1 when the host asked the guest to stop.
+pub const STOP_PORT: u16 = 0xf6;
+/// Pacing: `out` 32-bit, microseconds to sleep (the VMM caps one sleep at 100 ms).
+pub const PACE_PORT: u16 = 0xf7;
+/// The host's clock: `in` 32-bit, microseconds since the run started, wrapping.
+pub const CLOCK_PORT: u16 = 0xf8;
 
 /// What the VMM told the guest at entry.
 #[derive(Debug, Clone, Copy)]
@@ -29,16 +50,54 @@ pub struct Boot {
     pub cpus: u64,
 }
 
-fn outb(port: u16, value: u8) {
+/// Writes a byte to `port`.
+pub fn outb(port: u16, value: u8) {
     // SAFETY: `out` only reaches the VMM (IOPL 3 makes it legal in ring 3); no memory effect.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) }
 }
 
-fn inb(port: u16) -> u8 {
+/// Reads a byte from `port`.
+pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: `in` only reaches the VMM (IOPL 3 makes it legal in ring 3); no memory effect.
     unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) }
     value
+}
+
+/// Writes a 32-bit `value` to `port`.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: `out` only reaches the VMM (IOPL 3 makes it legal in ring 3); no memory effect.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) }
+}
+
+/// Reads a 32-bit value from `port`.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: `in` only reaches the VMM (IOPL 3 makes it legal in ring 3); no memory effect.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack)) }
+    value
+}
+
+/// Tells the host `rounds` more rounds of work are done.
+pub fn report_rounds(rounds: u32) {
+    outl(PROGRESS_PORT, rounds);
+}
+
+/// Whether the host asked this guest to stop.
+pub fn stop_requested() -> bool {
+    inl(STOP_PORT) & 1 != 0
+}
+
+/// Asks the VMM to sleep `us` microseconds (it caps one sleep at 100 ms, and cuts it short
+/// when the VM is ending).
+pub fn pause_us(us: u32) {
+    outl(PACE_PORT, us);
+}
+
+/// The host's clock in microseconds since the run started; it wraps at 2^32, so take
+/// differences with `wrapping_sub`.
+pub fn clock_us() -> u32 {
+    inl(CLOCK_PORT)
 }
 
 /// Waits for a byte typed on the console and returns it (polls the UART's line status:
