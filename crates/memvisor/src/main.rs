@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod images;
 mod input;
+mod memimages;
 mod nested;
 mod tmem_cmd;
 mod zram;
@@ -94,8 +95,14 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Guest images from Debian's packages: fetch, unpack and cache them, and print where.
-    Images,
+    /// Guest images from Debian's packages: fetch, unpack and cache them, and print where;
+    /// then the guest memory images for the replay benchmark, built in QEMU on first use
+    /// (docs/memimages.md).
+    Images {
+        /// Skip the memory images (their first build takes a minute or two).
+        #[arg(long)]
+        no_memory: bool,
+    },
     /// Transcendent memory: page pools served to any program (docs/tmem.md).
     Tmem {
         #[command(subcommand)]
@@ -563,7 +570,7 @@ fn run(cli: Cli) -> Result<()> {
             let status = run_guest(&memory, vcpus, &boot)?;
             std::process::exit(i32::from(status));
         }
-        Cmd::Images => {
+        Cmd::Images { no_memory } => {
             let d = images::debian()?;
             println!("kernel    {} ({})", d.vmlinuz.display(), d.kernel_version);
             println!("vmlinux   {}", d.vmlinux.display());
@@ -571,6 +578,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("busybox   {}", d.busybox.display());
             for m in &d.modules {
                 println!("module    {}", m.display());
+            }
+            if !no_memory {
+                memimages::print_all()?;
             }
         }
         Cmd::Nested {
