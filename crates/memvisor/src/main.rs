@@ -5,10 +5,12 @@
 mod alloc;
 mod analyze;
 mod bench;
+mod bench_memory;
 mod demo;
 mod images;
 mod input;
 mod memimages;
+mod memory;
 mod nested;
 mod tmem_cmd;
 mod zram;
@@ -21,6 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pagestore::{Compression, Config, DeltaCodec, PatchConfig, SimilarityConfig};
 
 use crate::input::Input;
+use crate::memimages::ImageSet;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -90,10 +93,34 @@ enum Cmd {
         /// A guest image file (a static ELF64 executable).
         #[arg(required_unless_present_any = ["guest", "kernel", "linux"])]
         image: Option<std::path::PathBuf>,
+        /// Who manages guest RAM: none, ksm, share, share+patch or full (docs/pager.md).
+        #[arg(long, default_value = "none")]
+        policy: String,
+        /// Pager: seconds untouched before a page is cold and goes to the store.
+        #[arg(long, default_value_t = 8.0)]
+        cold: f64,
+        /// Pager: CPU budget of its scanner, as a fraction of one core.
+        #[arg(long, default_value_t = 0.25)]
+        cpu_budget: f64,
+        /// Pager: keep resident guest RAM under this size (e.g. 64M), reclaiming the pages
+        /// idle longest first.
+        #[arg(long)]
+        target: Option<String>,
+        /// Pager: where to serve live stats (default /run/memvisor/PID.sock).
+        #[arg(long)]
+        stats_socket: Option<std::path::PathBuf>,
         /// For Linux: a command that the busybox initramfs runs in place of a shell (it goes
         /// after `--` on the kernel command line); its status becomes memvisor's.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Live memory stats of a VM started with `memvisor run --policy ...`.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The VM: its pid or its stats socket; by default the only one running.
+        target: Option<String>,
     },
     /// Guest images from Debian's packages: fetch, unpack and cache them, and print where;
     /// then the guest memory images for the replay benchmark, built in QEMU on first use
@@ -184,6 +211,56 @@ enum TmemCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Guests replaying real Linux memory images under each memory policy in turn (none,
+    /// KSM, and the pager's share, share+patch and full): host memory held, CPU, fault
+    /// latency and guest slowdown, side by side (docs/pager.md).
+    Memory {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Image set: homogeneous (four boots of one workload), mixed, or both.
+        #[arg(long, default_value = "both")]
+        set: String,
+        /// Guests per run.
+        #[arg(long, default_value_t = 4)]
+        guests: usize,
+        /// Seconds each policy runs.
+        #[arg(long, default_value_t = 40)]
+        seconds: u64,
+        /// Seconds at the start left out of the guests' throughput.
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
+        /// Policies to run, comma-separated.
+        #[arg(long, default_value = "none,ksm,share,share+patch,full")]
+        policies: String,
+        /// Percent of each image's non-zero pages the guest writes every round.
+        #[arg(long, default_value_t = 2)]
+        hot: u8,
+        /// Percent it reads now and then.
+        #[arg(long, default_value_t = 4)]
+        warm: u8,
+        /// Percent of the time each guest works (the rest it sleeps).
+        #[arg(long, default_value_t = 25)]
+        duty: u8,
+        /// KSM's pages_to_scan during the KSM run.
+        #[arg(long, default_value_t = 1000)]
+        ksm_pages: u64,
+        /// KSM's sleep_millisecs during the KSM run.
+        #[arg(long, default_value_t = 10)]
+        ksm_sleep: u64,
+        /// Pager: seconds untouched before a page is cold.
+        #[arg(long, default_value_t = 5.0)]
+        cold: f64,
+        /// Pager: CPU budget of its scanner, as a fraction of one core.
+        #[arg(long, default_value_t = 0.5)]
+        cpu_budget: f64,
+        /// Also draw memory held over time as an SVG (one file per set: NAME-SET.svg).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
+        /// A line per second per run.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// tmem: puts, gets and flushes of real pages through the tmem server (local, memcached
     /// and Redis backends) against the same pages straight to memcached and Redis.
     Tmem {
@@ -396,7 +473,16 @@ fn kernel_cmdline(
 }
 
 /// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
-fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
+/// `memvisor run`'s memory policy options.
+struct MemoryArgs {
+    policy: memory::Policy,
+    cold: f64,
+    cpu_budget: f64,
+    target: Option<u64>,
+    socket: Option<std::path::PathBuf>,
+}
+
+fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u8> {
     use std::os::fd::AsFd;
     use vmm_sys_util::terminal::Terminal;
 
@@ -409,6 +495,42 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
     }
 
     let vm = vmm::Vm::new(parse_size(memory)?)?;
+    let (ram, ram_len) = vm.ram_host_range();
+    let control = std::sync::Arc::new(vmm::Control::new());
+    let ksm = match mem.policy {
+        memory::Policy::Ksm => {
+            // KSM's own default rate: what a user who just turns it on gets.
+            let k = memory::Ksm::start(100, 20)?;
+            k.merge(ram, ram_len)?;
+            Some(k)
+        }
+        _ => None,
+    };
+    let mut pager = None;
+    let mut _stats_server = None;
+    if let memory::Policy::Pager(mode) = mem.policy {
+        memory::no_huge_pages(ram, ram_len);
+        let policy = memory::pager_policy(mem.cold, mem.cpu_budget, mem.target)?;
+        let (pg, regions) = memory::pager_for(mode, policy, &[(ram, ram_len)])?;
+        let pg = std::sync::Arc::new(pg);
+        let c = std::sync::Arc::clone(&control);
+        pg.on_failure(move |why| c.abort(format!("the pager's fault service failed: {why}")));
+        let path = mem
+            .socket
+            .clone()
+            .unwrap_or_else(|| memory::socket_dir().join(format!("{}.sock", std::process::id())));
+        let for_socket = std::sync::Arc::clone(&pg);
+        _stats_server = Some(memory::StatsServer::start(&path, move || {
+            serde_json::to_value(for_socket.stats()).unwrap_or_default()
+        })?);
+        eprintln!(
+            "memvisor: pager {} on {} MiB of guest RAM; live stats: memvisor stats {}",
+            mem.policy.name(),
+            ram_len >> 20,
+            path.display()
+        );
+        pager = Some((pg, regions));
+    }
     let stdin = std::io::stdin();
     // A terminal is put in raw mode, so keys reach the guest as typed, and restored after.
     let tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
@@ -419,15 +541,23 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot) -> Result<u8> {
         Boot::Image(path) => {
             let bytes =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let r = vm.run_image_with_input(&bytes, vcpus, std::io::stdout(), input);
+            let r = vm.run_image_ctl(&bytes, vcpus, std::io::stdout(), input, Some(&control));
             (path.display().to_string(), r)
         }
         Boot::Linux(linux) => {
-            let r = vm.run_linux(linux, vcpus, std::io::stdout(), input);
+            let r = vm.run_linux_ctl(linux, vcpus, std::io::stdout(), input, Some(&control));
             (linux.kernel.display().to_string(), r)
         }
     };
     drop(_raw);
+    drop(_stats_server);
+    if let Some((pg, regions)) = &pager {
+        eprint!("memvisor: memory at exit\n{}", memory::render(&pg.stats()));
+        for r in regions {
+            pg.forget(r)?;
+        }
+    }
+    drop(ksm);
     let (exit, _) = result?;
     eprintln!(
         "memvisor: guest {what} after {:.3} s: {exit:?}",
@@ -475,6 +605,80 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", bench::render(&s));
+            }
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Memory {
+                    json,
+                    set,
+                    guests,
+                    seconds,
+                    warmup,
+                    policies,
+                    hot,
+                    warm,
+                    duty,
+                    ksm_pages,
+                    ksm_sleep,
+                    cold,
+                    cpu_budget,
+                    plot,
+                    verbose,
+                },
+        } => {
+            let sets = match set.as_str() {
+                "both" => ImageSet::ALL.to_vec(),
+                "homogeneous" => vec![ImageSet::Homogeneous],
+                "mixed" => vec![ImageSet::Mixed],
+                s => bail!("--set {s}: choose homogeneous, mixed or both"),
+            };
+            if guests == 0 || seconds < 2 || warmup >= seconds {
+                bail!("--guests must be at least 1, --seconds at least 2 and above --warmup");
+            }
+            if hot as u16 + warm as u16 > 100 || !(1..=100).contains(&duty) {
+                bail!("--hot plus --warm must be at most 100, and --duty 1 to 100");
+            }
+            let policies = policies
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<memory::Policy>>>()?;
+            let mut all = Vec::new();
+            for set in sets {
+                let b = bench_memory::Bench {
+                    set,
+                    guests,
+                    seconds,
+                    warmup,
+                    policies: policies.clone(),
+                    replay: vmm::ReplayParams {
+                        hot_pct: hot,
+                        warm_pct: warm,
+                        duty_pct: duty,
+                        ..vmm::ReplayParams::default()
+                    },
+                    ksm: (ksm_pages, ksm_sleep),
+                    cold_secs: cold,
+                    cpu_budget,
+                    verbose,
+                };
+                let runs = bench_memory::run(&b)?;
+                if !json {
+                    print!("{}", bench_memory::table(&b, &runs));
+                }
+                if let Some(path) = &plot {
+                    let stem = path.with_extension("");
+                    let file = format!("{}-{}.svg", stem.display(), set.name());
+                    let title =
+                        format!("host memory held, {} guests, {} images", guests, set.name());
+                    std::fs::write(&file, bench_memory::svg(&title, &runs))
+                        .with_context(|| format!("writing {file}"))?;
+                    eprintln!("memvisor: drew {file}");
+                }
+                all.push(serde_json::json!({"set": set.name(), "runs": runs}));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
             }
         }
         Cmd::Bench {
@@ -544,6 +748,11 @@ fn run(cli: Cli) -> Result<()> {
             image,
             command,
             elf,
+            policy,
+            cold,
+            cpu_budget,
+            target,
+            stats_socket,
         } => {
             let linux_boot = |kernel, initrd| -> Result<Boot> {
                 Ok(Boot::Linux(vmm::LinuxBoot {
@@ -567,8 +776,25 @@ fn run(cli: Cli) -> Result<()> {
             if matches!(boot, Boot::Image(_)) && !command.is_empty() {
                 bail!("a command after -- is for Linux guests (--kernel or --linux)");
             }
-            let status = run_guest(&memory, vcpus, &boot)?;
+            let mem = MemoryArgs {
+                policy: policy.parse()?,
+                cold,
+                cpu_budget,
+                target: target.as_deref().map(parse_size).transpose()?,
+                socket: stats_socket,
+            };
+            let status = run_guest(&memory, vcpus, &boot, &mem)?;
             std::process::exit(i32::from(status));
+        }
+        Cmd::Stats { json, target } => {
+            let v = memory::fetch_stats(target.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let st: pager::Stats = serde_json::from_value(v)
+                    .context("the stats socket answered with something else")?;
+                print!("{}", memory::render(&st));
+            }
         }
         Cmd::Images { no_memory } => {
             let d = images::debian()?;

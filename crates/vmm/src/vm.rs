@@ -239,6 +239,18 @@ impl Vm {
         console: W,
         input: Option<BorrowedFd<'_>>,
     ) -> Result<(Exit, W), VmError> {
+        self.run_linux_ctl(boot, vcpus, console, input, None)
+    }
+
+    /// [`Vm::run_linux`] under a host [`Control`] (which can abort it).
+    pub fn run_linux_ctl<W: Write + Send>(
+        &self,
+        boot: &LinuxBoot,
+        vcpus: u8,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+        control: Option<&Arc<Control>>,
+    ) -> Result<(Exit, W), VmError> {
         check_vcpus(vcpus)?;
         let loaded = linux::load(&self.mem, self.ram, boot, vcpus)?;
         let base = self.supported_cpuid()?;
@@ -271,7 +283,7 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
-        self.run_vcpus(fds, console, input, None)
+        self.run_vcpus(fds, console, input, control)
     }
 
     /// The CPUID KVM can give a guest on this host.

@@ -1,0 +1,413 @@
+//! `memvisor bench memory`: guests of the guest kit replaying real Linux memory images, run
+//! under each memory policy in turn (none, KSM, and the pager's modes), side by side in one
+//! run: host memory held over time, CPU, fault latency and the guests' own throughput.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use vmm::{Control, ReplayParams, Vm};
+
+use crate::memimages::{self, ImageSet};
+use crate::memory::{self, Ksm, Policy};
+
+/// The experiment's settings.
+#[derive(Debug, Clone)]
+pub struct Bench {
+    /// Which images.
+    pub set: ImageSet,
+    /// Guests per run (images are used in turn).
+    pub guests: usize,
+    /// Seconds each policy runs.
+    pub seconds: u64,
+    /// Seconds at the start not counted in the guests' throughput.
+    pub warmup: u64,
+    /// The policies, in order.
+    pub policies: Vec<Policy>,
+    /// The guests' access skew and pacing.
+    pub replay: ReplayParams,
+    /// ksmd's pages_to_scan and sleep_millisecs.
+    pub ksm: (u64, u64),
+    /// Pager: seconds untouched before a page is cold; CPU budget.
+    pub cold_secs: f64,
+    /// Pager CPU budget, fraction of one core.
+    pub cpu_budget: f64,
+    /// Print a line per sample.
+    pub verbose: bool,
+}
+
+/// One policy's run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    /// The policy.
+    pub policy: &'static str,
+    /// (seconds, bytes held) each second.
+    pub series: Vec<(f64, u64)>,
+    /// Bytes held at the end.
+    pub held: u64,
+    /// Of which resident guest pages (mincore).
+    pub resident: u64,
+    /// Of which the store and the pager's tables.
+    pub store: u64,
+    /// Guest workload rounds per second, summed over guests, after the warm-up.
+    pub rounds_per_s: f64,
+    /// CPU seconds of the engine (pager threads, or ksmd).
+    pub cpu_s: f64,
+    /// Fault service p50 and p99 (ns), refaults from the store, for pager runs.
+    pub fault_p50_ns: u64,
+    /// see `fault_p50_ns`
+    pub fault_p99_ns: u64,
+    /// Refaults served.
+    pub refaults: u64,
+    /// KSM's pages_sharing and general_profit, for the KSM run.
+    pub ksm_pages_sharing: u64,
+    /// see `ksm_pages_sharing`
+    pub ksm_general_profit: i64,
+    /// Growth of the process's RSS from just before the guests start to the end, bytes:
+    /// the cross-check of `held` for the pager's runs.
+    pub rss_growth: i64,
+    /// Pages by form at the end, for pager runs: zero, shared, patched, compressed.
+    pub pages: Option<pager::stats::Pages>,
+}
+
+fn rss_bytes() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map_or(0, |p| p * 4096)
+}
+
+/// Loads the images of a set.
+pub fn load(set: ImageSet) -> Result<Vec<(String, Vec<u8>)>> {
+    memimages::memory_images(set)?
+        .into_iter()
+        .map(|m| Ok((m.name, memimages::read_guest_ram(&m.path)?)))
+        .collect()
+}
+
+/// Runs one policy on `guests` VMs replaying `images` (in turn). `progress` sees each sample.
+pub fn run_one(
+    b: &Bench,
+    policy: Policy,
+    images: &[(String, Vec<u8>)],
+    elf: &[u8],
+    progress: &mut dyn FnMut(&Run, Option<&pager::Stats>),
+) -> Result<Run> {
+    if images.is_empty() {
+        bail!("no memory images to replay");
+    }
+    let vms: Vec<Vm> = (0..b.guests)
+        .map(|i| {
+            let data = &images[i % images.len()].1;
+            let vm = Vm::new(vmm::replay_ram_size(data.len() as u64))?;
+            let (p, l) = vm.ram_host_range();
+            memory::no_huge_pages(p, l);
+            let params = ReplayParams {
+                seed: b.replay.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                ..b.replay
+            };
+            vm.load_replay(data, &params)?;
+            Ok(vm)
+        })
+        .collect::<Result<_>>()?;
+    let rams: Vec<(*mut u8, usize)> = vms.iter().map(Vm::ram_host_range).collect();
+    let rss0 = rss_bytes();
+    let controls: Vec<Arc<Control>> = vms.iter().map(|_| Arc::new(Control::new())).collect();
+    let ksm = match policy {
+        Policy::Ksm => {
+            let k = Ksm::start(b.ksm.0, b.ksm.1)?;
+            for &(p, l) in &rams {
+                k.merge(p, l)?;
+            }
+            Some(k)
+        }
+        _ => None,
+    };
+    let pager = match policy {
+        Policy::Pager(mode) => {
+            let pol = memory::pager_policy(b.cold_secs, b.cpu_budget, None)?;
+            let (pg, regions) = memory::pager_for(mode, pol, &rams)?;
+            let cs = controls.clone();
+            pg.on_failure(move |why| {
+                for c in &cs {
+                    c.abort(format!("the pager failed: {why}"));
+                }
+            });
+            Some((pg, regions))
+        }
+        _ => None,
+    };
+    let held = |run: &mut Run| {
+        let resident: u64 = rams
+            .iter()
+            .map(|&(p, l)| memory::resident_pages(p, l) * 4096)
+            .sum();
+        let (store, stats) = match &pager {
+            Some((pg, _)) => {
+                let st = pg.stats();
+                (st.bytes.store + st.bytes.pager_metadata, Some(st))
+            }
+            None => (0, None),
+        };
+        let ksm_saved = ksm.as_ref().map_or(0, |k| k.pages_sharing() * 4096);
+        run.resident = resident;
+        run.store = store;
+        run.held = (resident + store).saturating_sub(ksm_saved);
+        stats
+    };
+    let mut run = Run {
+        policy: policy.name(),
+        series: Vec::new(),
+        held: 0,
+        resident: 0,
+        store: 0,
+        rounds_per_s: 0.0,
+        cpu_s: 0.0,
+        fault_p50_ns: 0,
+        fault_p99_ns: 0,
+        refaults: 0,
+        ksm_pages_sharing: 0,
+        ksm_general_profit: 0,
+        rss_growth: 0,
+        pages: None,
+    };
+    let results = std::thread::scope(|s| -> Result<Vec<Result<vmm::Exit, vmm::VmError>>> {
+        let handles: Vec<_> = vms
+            .iter()
+            .zip(&controls)
+            .map(|(vm, c)| {
+                s.spawn(move || {
+                    vm.run_image_ctl(elf, 1, std::io::sink(), None, Some(c))
+                        .map(|(e, _)| e)
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        let mut warm_rounds = None;
+        let mut warm_at = t0;
+        for tick in 1..=b.seconds {
+            let due = t0 + Duration::from_secs(tick);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if tick == b.warmup.min(b.seconds - 1) {
+                warm_rounds = Some(controls.iter().map(|c| c.rounds()).sum::<u64>());
+                warm_at = Instant::now();
+            }
+            let stats = held(&mut run);
+            run.series.push((t0.elapsed().as_secs_f64(), run.held));
+            progress(&run, stats.as_ref());
+            if controls.iter().any(|c| c.aborted().is_some())
+                || handles.iter().any(|h| h.is_finished())
+            {
+                break;
+            }
+        }
+        let rounds: u64 = controls.iter().map(|c| c.rounds()).sum();
+        run.rounds_per_s =
+            (rounds - warm_rounds.unwrap_or(0)) as f64 / warm_at.elapsed().as_secs_f64().max(1e-3);
+        let stats = held(&mut run);
+        run.rss_growth = rss_bytes() - rss0;
+        if let Some(st) = stats {
+            run.cpu_s = st.cpu_s();
+            run.fault_p50_ns = st.refault_latency.p50_ns;
+            run.fault_p99_ns = st.refault_latency.p99_ns;
+            run.refaults = st.faults.refaults;
+            run.pages = Some(st.pages);
+        }
+        if let Some(k) = &ksm {
+            run.cpu_s = k.cpu_s();
+            run.ksm_pages_sharing = k.pages_sharing();
+            run.ksm_general_profit = k.general_profit();
+        }
+        for c in &controls {
+            c.request_stop();
+        }
+        Ok(handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(vmm::VmError::Aborted("a VM thread panicked".into())))
+            })
+            .collect())
+    })?;
+    if let Some((pg, regions)) = &pager {
+        if let Some(f) = pg.failure() {
+            bail!("the pager failed during the {} run: {f}", policy.name());
+        }
+        // The guests are over and their memory is about to go: nothing to give back.
+        for r in regions {
+            pg.forget(r)?;
+        }
+    }
+    drop(pager);
+    drop(ksm);
+    for (i, r) in results.into_iter().enumerate() {
+        match r.with_context(|| format!("guest {i} under {}", policy.name()))? {
+            vmm::Exit::Status(0) => {}
+            e => bail!("guest {i} under {} ended with {e:?}", policy.name()),
+        }
+    }
+    Ok(run)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// The table comparing runs.
+pub fn table(b: &Bench, runs: &[Run]) -> String {
+    let base = runs.iter().find(|r| r.policy == "none");
+    let ksm = runs.iter().find(|r| r.policy == "ksm");
+    let mut o = format!(
+        "{} guests replaying the {} images for {} s each (hot {}%, warm {}%, duty {}%); \
+         KSM pages_to_scan={} sleep_millisecs={}; pager cold after {} s, CPU budget {} core\n",
+        b.guests,
+        b.set.name(),
+        b.seconds,
+        b.replay.hot_pct,
+        b.replay.warm_pct,
+        b.replay.duty_pct,
+        b.ksm.0,
+        b.ksm.1,
+        b.cold_secs,
+        b.cpu_budget
+    );
+    o += &format!(
+        "{:<12} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>10}\n",
+        "policy", "held MiB", "saved", "/ KSM", "CPU s", "p50 us", "p99 us", "slowdown", "RSS+ MiB"
+    );
+    for r in runs {
+        let saved = base.map_or(String::from("-"), |x| {
+            format!(
+                "{:.0}%",
+                100.0 * (1.0 - r.held as f64 / x.held.max(1) as f64)
+            )
+        });
+        let vs_ksm = ksm.map_or(String::from("-"), |k| {
+            format!("{:.3}", r.held as f64 / k.held.max(1) as f64)
+        });
+        let slow = base.map_or(String::from("-"), |x| {
+            format!(
+                "{:+.1}%",
+                100.0 * (1.0 - r.rounds_per_s / x.rounds_per_s.max(1e-9))
+            )
+        });
+        let lat = |ns: u64| {
+            if r.refaults > 0 {
+                format!("{:.1}", ns as f64 / 1000.0)
+            } else {
+                "-".into()
+            }
+        };
+        o += &format!(
+            "{:<12} {:>10.1} {:>8} {:>9} {:>8.2} {:>9} {:>9} {:>9} {:>10.1}\n",
+            r.policy,
+            mib(r.held),
+            saved,
+            vs_ksm,
+            r.cpu_s,
+            lat(r.fault_p50_ns),
+            lat(r.fault_p99_ns),
+            slow,
+            r.rss_growth as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(k) = ksm {
+        o += &format!(
+            "KSM: pages_sharing {} ({:.1} MiB saved), general_profit {:.1} MiB\n",
+            k.ksm_pages_sharing,
+            mib(k.ksm_pages_sharing * 4096),
+            k.ksm_general_profit as f64 / (1 << 20) as f64
+        );
+    }
+    for r in runs {
+        if let Some(p) = &r.pages {
+            o += &format!(
+                "{}: pages resident {}, zero {}, shared {}, patched {}, compressed {}, raw {}; \
+                 {} refaults\n",
+                r.policy, p.resident, p.zero, p.shared, p.patched, p.compressed, p.raw, r.refaults
+            );
+        }
+    }
+    o
+}
+
+/// Memory held over time, one line per policy, as an SVG.
+pub fn svg(title: &str, runs: &[Run]) -> String {
+    let (w, h, m) = (720.0, 400.0, 60.0);
+    let tmax = runs
+        .iter()
+        .flat_map(|r| r.series.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max);
+    let ymax = runs
+        .iter()
+        .flat_map(|r| r.series.iter().map(|p| mib(p.1)))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let colors = ["#444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let mut o = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n\
+         <rect width='100%' height='100%' fill='white'/>\n\
+         <text x='{m}' y='20' font-size='14'>{title}</text>\n\
+         <line x1='{m}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n\
+         <line x1='{m}' y1='{m}' x2='{m}' y2='{}' stroke='black'/>\n\
+         <text x='{}' y='{}'>seconds</text>\n<text x='5' y='{}'>MiB held</text>\n",
+        h - m,
+        w - m,
+        h - m,
+        h - m,
+        w / 2.0,
+        h - 20.0,
+        m - 10.0
+    );
+    for i in 0..=4 {
+        let v = ymax * f64::from(i) / 4.0;
+        let y = h - m - (h - 2.0 * m) * f64::from(i) / 4.0;
+        o += &format!("<text x='5' y='{y:.0}'>{v:.0}</text>\n");
+        let t = tmax * f64::from(i) / 4.0;
+        let x = m + (w - 2.0 * m) * f64::from(i) / 4.0;
+        o += &format!("<text x='{x:.0}' y='{:.0}'>{t:.0}</text>\n", h - m + 15.0);
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let pts: Vec<String> = r
+            .series
+            .iter()
+            .map(|&(t, b)| {
+                format!(
+                    "{:.1},{:.1}",
+                    m + (w - 2.0 * m) * t / tmax,
+                    h - m - (h - 2.0 * m) * mib(b) / ymax
+                )
+            })
+            .collect();
+        o += &format!(
+            "<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n\
+             <text x='{}' y='{}' fill='{c}'>{}</text>\n",
+            pts.join(" "),
+            w - m + 5.0,
+            m + 15.0 * i as f64,
+            r.policy
+        );
+    }
+    o + "</svg>\n"
+}
+
+/// The whole experiment on one set; prints as it goes.
+pub fn run(b: &Bench) -> Result<Vec<Run>> {
+    let images = load(b.set)?;
+    let elf = std::fs::read(vmm::kit::build("replay", &vmm::kit::target_dir())?)
+        .context("reading the replay guest")?;
+    let mut runs = Vec::new();
+    for &p in &b.policies {
+        eprintln!("memvisor: {} guests, policy {} ...", b.guests, p.name());
+        let verbose = b.verbose;
+        let r = run_one(b, p, &images, &elf, &mut |r, _| {
+            if verbose {
+                let (t, held) = r.series.last().copied().unwrap_or((0.0, 0));
+                eprintln!("  {t:5.1} s  held {:8.1} MiB", mib(held));
+            }
+        })?;
+        runs.push(r);
+    }
+    Ok(runs)
+}

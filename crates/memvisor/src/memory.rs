@@ -1,0 +1,409 @@
+//! Memory policies for guest RAM: none, Linux KSM, or memvisor's pager in one of its modes;
+//! how each one's host footprint is measured (../shared/MEASURING.md); the stats socket of a
+//! running VM and `memvisor stats`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pager::{Mode, Pager, Policy as PagerPolicy};
+
+/// What manages guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Nothing: the baseline.
+    None,
+    /// Linux KSM merges identical pages (MADV_MERGEABLE; ksmd does the work).
+    Ksm,
+    /// memvisor's pager with its store in this mode.
+    Pager(Mode),
+}
+
+impl Policy {
+    /// All, in the order the benchmark runs them.
+    pub const ALL: [Policy; 5] = [
+        Policy::None,
+        Policy::Ksm,
+        Policy::Pager(Mode::Share),
+        Policy::Pager(Mode::SharePatch),
+        Policy::Pager(Mode::Full),
+    ];
+
+    /// Its name on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Ksm => "ksm",
+            Policy::Pager(Mode::Share) => "share",
+            Policy::Pager(Mode::SharePatch) => "share+patch",
+            Policy::Pager(Mode::Full) => "full",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Policy> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .with_context(|| {
+                format!(
+                    "no memory policy {s:?}: choose none, ksm, share, share+patch or full \
+                     (docs/pager.md)"
+                )
+            })
+    }
+}
+
+/// Resident pages of [ptr, ptr+len) (mincore: the VMM's own count).
+pub fn resident_pages(ptr: *mut u8, len: usize) -> u64 {
+    let mut v = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: mincore reads the page tables of a mapping the caller owns and writes one
+    // byte per page into `v`, which has one per page.
+    let r = unsafe { libc::mincore(ptr.cast(), len, v.as_mut_ptr()) };
+    if r != 0 {
+        return 0;
+    }
+    v.iter().filter(|&&b| b & 1 != 0).count() as u64
+}
+
+/// Turns off transparent huge pages for a guest RAM range: the pager and KSM both work in
+/// 4 KiB pages, and a huge page would make one touched page cost 2 MiB for every policy.
+pub fn no_huge_pages(ptr: *mut u8, len: usize) {
+    // SAFETY: advice on a mapping the caller owns; it changes no content.
+    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_NOHUGEPAGE) };
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn ksm_read(name: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("{KSM}/{name}"))
+        .with_context(|| format!("reading {KSM}/{name} (is KSM built into this kernel?)"))?;
+    s.trim()
+        .parse::<i64>()
+        .map(|v| v.max(0).unsigned_abs())
+        .with_context(|| format!("{KSM}/{name}: not a number"))
+}
+
+fn ksm_write(name: &str, v: u64) -> Result<()> {
+    std::fs::write(format!("{KSM}/{name}"), v.to_string())
+        .with_context(|| format!("writing {KSM}/{name} (KSM needs root)"))
+}
+
+/// KSM switched on at a stated scan rate; put back as it was when dropped.
+#[derive(Debug)]
+pub struct Ksm {
+    saved: [(&'static str, u64); 3],
+    ksmd: Option<u32>,
+    cpu0: f64,
+}
+
+impl Ksm {
+    /// Starts ksmd with this rate (KSM's default is 100 pages per 20 ms).
+    pub fn start(pages_to_scan: u64, sleep_ms: u64) -> Result<Ksm> {
+        let saved = [
+            ("run", ksm_read("run")?),
+            ("pages_to_scan", ksm_read("pages_to_scan")?),
+            ("sleep_millisecs", ksm_read("sleep_millisecs")?),
+        ];
+        ksm_write("pages_to_scan", pages_to_scan)?;
+        ksm_write("sleep_millisecs", sleep_ms)?;
+        ksm_write("run", 1)?;
+        let ksmd = find_ksmd();
+        let cpu0 = ksmd.map_or(0.0, proc_cpu_s);
+        Ok(Ksm { saved, ksmd, cpu0 })
+    }
+
+    /// Marks guest RAM mergeable.
+    pub fn merge(&self, ptr: *mut u8, len: usize) -> Result<()> {
+        // SAFETY: advice on a mapping the caller owns; KSM never changes its content.
+        if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_MERGEABLE) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("MADV_MERGEABLE");
+        }
+        Ok(())
+    }
+
+    /// Pages KSM saved (pages_sharing: mappings served by a shared page beyond the first).
+    pub fn pages_sharing(&self) -> u64 {
+        ksm_read("pages_sharing").unwrap_or(0)
+    }
+
+    /// KSM's own net figure (saved less its metadata), bytes; 0 if the kernel lacks it.
+    pub fn general_profit(&self) -> i64 {
+        std::fs::read_to_string(format!("{KSM}/general_profit"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// ksmd's CPU seconds since start.
+    pub fn cpu_s(&self) -> f64 {
+        self.ksmd.map_or(0.0, |p| proc_cpu_s(p) - self.cpu0)
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        // 2 unmerges every page, then the settings go back as they were.
+        let _ = ksm_write("run", 2);
+        for (name, v) in self.saved {
+            let _ = ksm_write(name, v);
+        }
+    }
+}
+
+fn find_ksmd() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "ksmd").then_some(pid)
+    })
+}
+
+/// User + system CPU seconds of a process or thread, from /proc/PID/stat.
+pub fn proc_cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+/// The pager for guest RAM, with defaults that are safe: cold after 8 s, a quarter core.
+pub fn pager_policy(cold_secs: f64, cpu_budget: f64, target: Option<u64>) -> Result<PagerPolicy> {
+    let interval = Duration::from_secs(1);
+    if !(cold_secs.is_finite() && cold_secs >= 1.0) {
+        bail!("--cold {cold_secs}: pages are called cold after at least 1 second");
+    }
+    Ok(PagerPolicy {
+        interval,
+        cold_scans: (cold_secs / interval.as_secs_f64())
+            .round()
+            .clamp(1.0, 255.0) as u32,
+        cpu_budget,
+        target_resident: target,
+        handlers: 2,
+    })
+}
+
+/// Where a VM's stats socket lives by default.
+pub fn socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|_| !nix_is_root())
+        .map_or_else(
+            || PathBuf::from("/run/memvisor"),
+            |d| Path::new(&d).join("memvisor"),
+        )
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no memory effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Serves the pager's stats as JSON to each connection on `path`, until the guard drops.
+pub struct StatsServer {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StatsServer {
+    /// Listens on `path` (made fresh) and answers with `stats()` as JSON.
+    pub fn start(
+        path: &Path,
+        stats: impl Fn() -> serde_json::Value + Send + 'static,
+    ) -> Result<StatsServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {} for the stats socket", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("listening on {} for memvisor stats", path.display()))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("stats-socket".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                            let body = serde_json::to_vec(&stats()).unwrap_or_default();
+                            let _ = s.write_all(&body);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })?;
+        Ok(StatsServer {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StatsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads a running VM's stats: from a socket path, a pid, or the only VM running.
+pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
+    let path = match target {
+        Some(t) if t.chars().all(|c| c.is_ascii_digit()) => socket_dir().join(format!("{t}.sock")),
+        Some(t) => PathBuf::from(t),
+        None => {
+            let dir = socket_dir();
+            let socks: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match socks.len() {
+                0 => bail!(
+                    "no running memvisor VM has a stats socket in {} (start one with \
+                     `memvisor run --policy full ...`)",
+                    dir.display()
+                ),
+                1 => socks[0].clone(),
+                _ => bail!(
+                    "several VMs run ({}); name one: memvisor stats PID or PATH",
+                    socks
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach memvisor stats at {}: {e} (the VM has exited, or this is not a \
+             memvisor stats socket)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)
+        .with_context(|| format!("reading stats from {}", path.display()))?;
+    serde_json::from_slice(&body).with_context(|| {
+        format!(
+            "{} answered, but not with memvisor stats (is it a memvisor socket?)",
+            path.display()
+        )
+    })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.1} us", ns as f64 / 1000.0)
+}
+
+/// The pager's stats as a table for people.
+pub fn render(st: &pager::Stats) -> String {
+    let p = &st.pages;
+    let b = &st.bytes;
+    let mut o = String::new();
+    let saved = b.without_pager.saturating_sub(b.held);
+    o += &format!(
+        "host memory held  {} of {} the guests would hold without memvisor (saved {}, {:.0}%)\n",
+        mib(b.held),
+        mib(b.without_pager),
+        mib(saved),
+        100.0 * saved as f64 / b.without_pager.max(1) as f64
+    );
+    o += &format!(
+        "  resident {}   store {}   pager tables {}\n",
+        mib(b.resident),
+        mib(b.store),
+        mib(b.pager_metadata)
+    );
+    o += &format!(
+        "pages   resident {}  zero {}  shared {}  patched {}  compressed {}  raw {}  untouched {}\n",
+        p.resident, p.zero, p.shared, p.patched, p.compressed, p.raw, p.empty
+    );
+    o += &format!(
+        "NRU     C1 modified {}  C2 referenced {}  C3 idle {}  C4 cold {}\n",
+        st.nru.modified, st.nru.referenced, st.nru.idle, st.nru.cold
+    );
+    o += &format!(
+        "faults  refaults {} (p50 {}, p99 {})  first touches {}  write-protect {}  deferred {}\n",
+        st.faults.refaults,
+        us(st.refault_latency.p50_ns),
+        us(st.refault_latency.p99_ns),
+        st.faults.first_touch,
+        st.faults.write_protect,
+        st.faults.deferred
+    );
+    for (form, l) in &st.latency {
+        if l.count > 0 {
+            o += &format!(
+                "        from {:<10} {:>8}  p50 {:>8}  p99 {:>8}\n",
+                form.name(),
+                l.count,
+                us(l.p50_ns),
+                us(l.p99_ns)
+            );
+        }
+    }
+    o += &format!(
+        "engine  reclaimed {}  scans {}  CPU {:.2} s (scanner {:.2}, fault service {:.2})\n",
+        st.reclaimed,
+        st.scans,
+        st.cpu_s(),
+        st.scanner_cpu_s,
+        st.handler_cpu_s
+    );
+    if let Some(f) = &st.failure {
+        o += &format!("FAILED  {f}\n");
+    }
+    o
+}
+
+/// A pager over guest RAM ranges, and the regions it made of them.
+pub fn pager_for(
+    mode: Mode,
+    policy: PagerPolicy,
+    rams: &[(*mut u8, usize)],
+) -> Result<(Pager, Vec<Arc<pager::Region>>)> {
+    let pager = Pager::new(mode, policy).context("starting the pager")?;
+    let mut regions = Vec::new();
+    for (i, &(ptr, len)) in rams.iter().enumerate() {
+        // SAFETY: each range is a VM's guest RAM, which the caller keeps mapped until it
+        // calls `forget` or drops the pager (both before the VMs go).
+        regions.push(
+            unsafe { pager.attach(ptr, len, &format!("vm{i}")) }
+                .context("handing guest RAM to the pager")?,
+        );
+    }
+    Ok((pager, regions))
+}
