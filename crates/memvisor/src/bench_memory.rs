@@ -32,6 +32,8 @@ pub struct Bench {
     pub cold_secs: f64,
     /// Pager CPU budget, fraction of one core.
     pub cpu_budget: f64,
+    /// The full policy's compressor for pages reclaimed the first time.
+    pub compression: pagestore::Compression,
     /// Print a line per sample.
     pub verbose: bool,
 }
@@ -53,6 +55,9 @@ pub struct Run {
     pub rounds_per_s: f64,
     /// CPU seconds of the engine (pager threads, or ksmd).
     pub cpu_s: f64,
+    /// Of which in the second half of the run: what the engine costs once it has done its
+    /// first pass, as a fraction of one core.
+    pub cpu_late_core: f64,
     /// Fault service p50 and p99 (ns), refaults from the store, for pager runs.
     pub fault_p50_ns: u64,
     /// see `fault_p50_ns`
@@ -125,8 +130,9 @@ pub fn run_one(
     };
     let pager = match policy {
         Policy::Pager(mode) => {
-            let pol = memory::pager_policy(b.cold_secs, b.cpu_budget, None)?;
-            let (pg, regions) = memory::pager_for(mode, pol, &rams)?;
+            let cold = (mode == pager::Mode::Full).then_some(b.compression);
+            let pol = memory::pager_policy(b.cold_secs, b.cpu_budget, None, cold)?;
+            let (pg, regions) = memory::pager_for(mode.store_config(), pol, &rams)?;
             let cs = controls.clone();
             pg.on_failure(move |why| {
                 for c in &cs {
@@ -163,6 +169,7 @@ pub fn run_one(
         store: 0,
         rounds_per_s: 0.0,
         cpu_s: 0.0,
+        cpu_late_core: 0.0,
         fault_p50_ns: 0,
         fault_p99_ns: 0,
         refaults: 0,
@@ -185,6 +192,11 @@ pub fn run_one(
         let t0 = Instant::now();
         let mut warm_rounds = None;
         let mut warm_at = t0;
+        let engine_cpu = || {
+            pager.as_ref().map_or(0.0, |(pg, _)| pg.stats().cpu_s())
+                + ksm.as_ref().map_or(0.0, Ksm::cpu_s)
+        };
+        let mut half = (t0, 0.0);
         for tick in 1..=b.seconds {
             let due = t0 + Duration::from_secs(tick);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -192,11 +204,16 @@ pub fn run_one(
                 warm_rounds = Some(controls.iter().map(|c| c.rounds()).sum::<u64>());
                 warm_at = Instant::now();
             }
+            if tick == b.seconds / 2 {
+                half = (Instant::now(), engine_cpu());
+            }
             let stats = held(&mut run);
             run.series.push((t0.elapsed().as_secs_f64(), run.held));
             progress(&run, stats.as_ref());
             if controls.iter().any(|c| c.aborted().is_some())
-                || handles.iter().any(|h| h.is_finished())
+                || handles
+                    .iter()
+                    .any(std::thread::ScopedJoinHandle::is_finished)
             {
                 break;
             }
@@ -204,6 +221,7 @@ pub fn run_one(
         let rounds: u64 = controls.iter().map(|c| c.rounds()).sum();
         run.rounds_per_s =
             (rounds - warm_rounds.unwrap_or(0)) as f64 / warm_at.elapsed().as_secs_f64().max(1e-3);
+        run.cpu_late_core = (engine_cpu() - half.1) / half.0.elapsed().as_secs_f64().max(1e-3);
         let stats = held(&mut run);
         run.rss_growth = rss_bytes() - rss0;
         if let Some(st) = stats {
@@ -272,8 +290,17 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         b.cpu_budget
     );
     o += &format!(
-        "{:<12} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>10}\n",
-        "policy", "held MiB", "saved", "/ KSM", "CPU s", "p50 us", "p99 us", "slowdown", "RSS+ MiB"
+        "{:<12} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10}\n",
+        "policy",
+        "held MiB",
+        "saved",
+        "/ KSM",
+        "CPU s",
+        "late core",
+        "p50 us",
+        "p99 us",
+        "slowdown",
+        "RSS+ MiB"
     );
     for r in runs {
         let saved = base.map_or(String::from("-"), |x| {
@@ -299,12 +326,13 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             }
         };
         o += &format!(
-            "{:<12} {:>10.1} {:>8} {:>9} {:>8.2} {:>9} {:>9} {:>9} {:>10.1}\n",
+            "{:<12} {:>10.1} {:>8} {:>9} {:>8.2} {:>9.1}% {:>9} {:>9} {:>9} {:>10.1}\n",
             r.policy,
             mib(r.held),
             saved,
             vs_ksm,
             r.cpu_s,
+            100.0 * r.cpu_late_core,
             lat(r.fault_p50_ns),
             lat(r.fault_p99_ns),
             slow,

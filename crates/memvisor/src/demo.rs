@@ -98,8 +98,114 @@ fn heading(s: &str) {
     println!("\n== {s}");
 }
 
+/// The main part: four guests on KVM replaying real Linux memory under the full policy,
+/// shown live, then a summary by class.
+fn guests(seconds: u64) -> Result<()> {
+    use std::io::IsTerminal;
+
+    use crate::bench_memory::{self, Bench};
+    use crate::memimages::ImageSet;
+    use crate::memory::Policy;
+
+    heading(&format!(
+        "four guests on KVM replaying real Linux memory (QEMU dumps of Debian guests, the \
+         homogeneous set), 2% of pages hot, 4% warm, the rest cold; memvisor's pager, \
+         policy full, for {seconds} s"
+    ));
+    println!(
+        "$ memvisor bench memory --set homogeneous --policies full --seconds {seconds} --verbose"
+    );
+    let b = Bench {
+        set: ImageSet::Homogeneous,
+        guests: 4,
+        seconds,
+        warmup: 5,
+        policies: vec![Policy::Pager(pager::Mode::Full)],
+        replay: vmm::ReplayParams {
+            hot_pct: 2,
+            warm_pct: 4,
+            duty_pct: 25,
+            ..vmm::ReplayParams::default()
+        },
+        ksm: (1000, 10),
+        cold_secs: 5.0,
+        cpu_budget: 0.5,
+        compression: crate::memory::COLD_COMPRESSION,
+        verbose: false,
+    };
+    let images = bench_memory::load(b.set)?;
+    let elf = std::fs::read(vmm::kit::build("replay", &vmm::kit::target_dir())?)?;
+    let tty = std::io::stdout().is_terminal();
+    let mut last: Option<pager::Stats> = None;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    bench_memory::run_one(&b, b.policies[0], &images, &elf, &mut |r, st| {
+        let Some(st) = st else { return };
+        let (t, held) = r.series.last().copied().unwrap_or_default();
+        let line = format!(
+            "{t:4.0} s  held {:6.1} MiB of {:6.1} MiB without memvisor  (resident {:5.1}, \
+             store {:5.1})  refaults {}",
+            mib(held),
+            mib(st.bytes.without_pager),
+            mib(r.resident),
+            mib(r.store),
+            st.faults.refaults
+        );
+        if tty {
+            print!("\r{line}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if r.series.len().is_multiple_of(5) {
+            println!("{line}");
+        }
+        last = Some(st.clone());
+    })?;
+    if tty {
+        println!();
+    }
+    let st = last.context("the guests ran for less than a second")?;
+    let p = &st.pages;
+    println!("\n{:<12} {:>9} {:>10}", "class", "pages", "MiB held");
+    let store_payload = |f: &pagestore::FormStats| mib(f.payload_bytes + f.metadata_bytes);
+    let rows = [
+        ("resident", p.resident, mib(p.resident * 4096)),
+        ("zero", p.zero, 0.0),
+        ("shared", p.shared, 0.0),
+        ("patched", p.patched, store_payload(&st.store.patched)),
+        (
+            "compressed",
+            p.compressed,
+            store_payload(&st.store.compressed),
+        ),
+        ("raw", p.raw, store_payload(&st.store.raw)),
+    ];
+    for (name, n, held) in rows {
+        println!("{name:<12} {n:>9} {held:>10.1}");
+    }
+    println!(
+        "{:<12} {:>9} {:>10.1}\n{:<12} {:>9} {:>10.1}",
+        "tables",
+        "",
+        mib(st.store.metadata_bytes + st.store.slack_bytes + st.bytes.pager_metadata),
+        "total",
+        p.total - p.empty,
+        mib(st.bytes.held)
+    );
+    println!(
+        "without memvisor the guests hold {:.1} MiB; with it {:.1} MiB ({:.0}% saved), for \
+         {:.2} CPU s; refaults p50 {:.1} us, p99 {:.1} us",
+        mib(st.bytes.without_pager),
+        mib(st.bytes.held),
+        100.0 * (1.0 - st.bytes.held as f64 / st.bytes.without_pager.max(1) as f64),
+        st.cpu_s(),
+        st.refault_latency.p50_ns as f64 / 1000.0,
+        st.refault_latency.p99_ns as f64 / 1000.0
+    );
+    println!("(side by side with KSM on the same guests: memvisor bench memory; docs/pager.md)");
+    Ok(())
+}
+
 /// Runs the demo.
-pub fn run(bench_pages: usize) -> Result<()> {
+pub fn run(bench_pages: usize, seconds: u64) -> Result<()> {
+    guests(seconds)?;
     let dir = std::env::temp_dir().join(format!("memvisor-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&dir, bench_pages);

@@ -161,11 +161,15 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// The main job: real programs' memory analyzed and benchmarked, nothing to configure.
+    /// The main job, nothing to configure: four guests replaying real Linux memory under
+    /// memvisor's pager, live; then real programs' memory analyzed and benchmarked.
     Demo {
         /// Pages for the benchmark part (fewer is quicker).
         #[arg(long, default_value_t = 32768)]
         bench_pages: usize,
+        /// Seconds the guests run.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
 }
 
@@ -254,6 +258,10 @@ enum BenchCmd {
         /// Pager: CPU budget of its scanner, as a fraction of one core.
         #[arg(long, default_value_t = 0.5)]
         cpu_budget: f64,
+        /// The full policy's compressor for pages reclaimed the first time: zstd:LEVEL,
+        /// zstd (level 3) or lz4 (pages that came back before always get LZ4).
+        #[arg(long, default_value = "zstd:1")]
+        compression: String,
         /// Also draw memory held over time as an SVG (one file per set: NAME-SET.svg).
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
@@ -494,6 +502,11 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         }
     }
 
+    if let memory::Policy::Pager(_) = mem.policy {
+        // Before anything else: without userfaultfd the pager cannot run, and the user
+        // should hear why first.
+        pager::uffd::Uffd::new()?;
+    }
     let vm = vmm::Vm::new(parse_size(memory)?)?;
     let (ram, ram_len) = vm.ram_host_range();
     let control = std::sync::Arc::new(vmm::Control::new());
@@ -510,8 +523,9 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
     let mut _stats_server = None;
     if let memory::Policy::Pager(mode) = mem.policy {
         memory::no_huge_pages(ram, ram_len);
-        let policy = memory::pager_policy(mem.cold, mem.cpu_budget, mem.target)?;
-        let (pg, regions) = memory::pager_for(mode, policy, &[(ram, ram_len)])?;
+        let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
+        let policy = memory::pager_policy(mem.cold, mem.cpu_budget, mem.target, cold)?;
+        let (pg, regions) = memory::pager_for(mode.store_config(), policy, &[(ram, ram_len)])?;
         let pg = std::sync::Arc::new(pg);
         let c = std::sync::Arc::clone(&control);
         pg.on_failure(move |why| c.abort(format!("the pager's fault service failed: {why}")));
@@ -623,10 +637,20 @@ fn run(cli: Cli) -> Result<()> {
                     ksm_sleep,
                     cold,
                     cpu_budget,
+                    compression,
                     plot,
                     verbose,
                 },
         } => {
+            let compression = StoreArgs {
+                compression,
+                no_patch: false,
+                codec: "xor-rle".into(),
+                max_patch: 2048,
+                similarity: "2,1".into(),
+            }
+            .config()?
+            .compression;
             let sets = match set.as_str() {
                 "both" => ImageSet::ALL.to_vec(),
                 "homogeneous" => vec![ImageSet::Homogeneous],
@@ -660,6 +684,7 @@ fn run(cli: Cli) -> Result<()> {
                     ksm: (ksm_pages, ksm_sleep),
                     cold_secs: cold,
                     cpu_budget,
+                    compression,
                     verbose,
                 };
                 let runs = bench_memory::run(&b)?;
@@ -735,7 +760,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tmem {
             what: TmemCmd::Stats { addr },
         } => tmem_cmd::stats(&addr)?,
-        Cmd::Demo { bench_pages } => demo::run(bench_pages)?,
+        Cmd::Demo {
+            bench_pages,
+            seconds,
+        } => demo::run(bench_pages, seconds)?,
         Cmd::Run {
             memory,
             vcpus,

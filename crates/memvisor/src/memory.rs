@@ -11,6 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use pager::{Mode, Pager, Policy as PagerPolicy};
 
+/// What the full mode compresses first-time cold pages with.
+pub const COLD_COMPRESSION: pagestore::Compression = pagestore::Compression::Zstd { level: 1 };
+
 /// What manages guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -182,11 +185,20 @@ pub fn proc_cpu_s(pid: u32) -> f64 {
 }
 
 /// The pager for guest RAM, with defaults that are safe: cold after 8 s, a quarter core.
-pub fn pager_policy(cold_secs: f64, cpu_budget: f64, target: Option<u64>) -> Result<PagerPolicy> {
+/// The full mode compresses pages reclaimed for the first time with `cold` (zstd level 1 by
+/// default), and pages that came back before with LZ4.
+pub fn pager_policy(
+    cold_secs: f64,
+    cpu_budget: f64,
+    target: Option<u64>,
+    cold: Option<pagestore::Compression>,
+) -> Result<PagerPolicy> {
     let interval = Duration::from_secs(1);
     if !(cold_secs.is_finite() && cold_secs >= 1.0) {
         bail!("--cold {cold_secs}: pages are called cold after at least 1 second");
     }
+    // Clamped to 1..=255 first, so the cast is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     Ok(PagerPolicy {
         interval,
         cold_scans: (cold_secs / interval.as_secs_f64())
@@ -195,6 +207,7 @@ pub fn pager_policy(cold_secs: f64, cpu_budget: f64, target: Option<u64>) -> Res
         cpu_budget,
         target_resident: target,
         handlers: 2,
+        cold_compression: cold,
     })
 }
 
@@ -391,11 +404,11 @@ pub fn render(st: &pager::Stats) -> String {
 
 /// A pager over guest RAM ranges, and the regions it made of them.
 pub fn pager_for(
-    mode: Mode,
+    config: pagestore::Config,
     policy: PagerPolicy,
     rams: &[(*mut u8, usize)],
 ) -> Result<(Pager, Vec<Arc<pager::Region>>)> {
-    let pager = Pager::new(mode, policy).context("starting the pager")?;
+    let pager = Pager::with_config(config, policy, true).context("starting the pager")?;
     let mut regions = Vec::new();
     for (i, &(ptr, len)) in rams.iter().enumerate() {
         // SAFETY: each range is a VM's guest RAM, which the caller keeps mapped until it

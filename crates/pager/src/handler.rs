@@ -189,7 +189,9 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                     if form != Form::Zero {
                         let _ = inner.store.remove(id);
                     }
-                    let back = (m.backoff() + 1).min(MAX_BACKOFF);
+                    // Reads are invisible to the scanner, so a page that comes back is the
+                    // only sign it is read: wait four times as long before taking it again.
+                    let back = (m.backoff() + 2).min(MAX_BACKOFF);
                     let mut n = m.with_state(RESIDENT).with_age(0).with_backoff(back);
                     n = n.set(if write { WRITTEN } else { REFAULTED });
                     region.unlock(ix, n);

@@ -109,6 +109,11 @@ pub struct Policy {
     pub target_resident: Option<u64>,
     /// Fault handler threads: faults on different pages are served in parallel.
     pub handlers: usize,
+    /// The compressor for pages reclaimed for the first time (never seen to come back), if
+    /// not the store's own: zstd there buys a better ratio on the coldest pages, while pages
+    /// that have come back before keep the store's faster one (LZ4), so that the faults
+    /// that do happen stay quick.
+    pub cold_compression: Option<pagestore::Compression>,
 }
 
 impl Default for Policy {
@@ -120,6 +125,7 @@ impl Default for Policy {
             cpu_budget: 0.25,
             target_resident: None,
             handlers: 2,
+            cold_compression: None,
         }
     }
 }

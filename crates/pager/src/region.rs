@@ -31,8 +31,8 @@ const AGE_SHIFT: u32 = 8;
 const AGE_MASK: u32 = 0xff << AGE_SHIFT;
 const BACKOFF_SHIFT: u32 = 16;
 const BACKOFF_MASK: u32 = 7 << BACKOFF_SHIFT;
-/// Most doublings of the cold threshold for a page that keeps coming back.
-pub(crate) const MAX_BACKOFF: u32 = 4;
+/// Most doublings of the cold threshold for a page that keeps coming back (64x).
+pub(crate) const MAX_BACKOFF: u32 = 6;
 const FORM_SHIFT: u32 = 19;
 const FORM_MASK: u32 = 7 << FORM_SHIFT;
 /// Scans left during which a recently written page is not write-protected again.

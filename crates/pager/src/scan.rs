@@ -214,6 +214,7 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
         return 0;
     }
     // 2. Copy each page out and into the store.
+    let cold_compression = inner.policy.lock().cold_compression;
     let mut page = Box::new([0u8; PAGE_SIZE]);
     let mut stored: Vec<(usize, Meta, PageId, Form)> = Vec::with_capacity(locked.len());
     for &(ix, m) in &locked {
@@ -230,7 +231,11 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
             stored.push((ix, m, PageId::ZERO, Form::Zero));
             continue;
         }
-        match inner.store.insert_with_outcome(&page) {
+        let compression = match cold_compression {
+            Some(c) if m.backoff() == 0 => c,
+            _ => inner.store.config().compression,
+        };
+        match inner.store.insert_compressed_with(&page, compression) {
             Ok((id, outcome)) => stored.push((ix, m, id, Form::of(outcome))),
             Err(_) => {
                 region.unlock(ix, m);

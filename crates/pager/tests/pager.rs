@@ -259,6 +259,7 @@ fn the_scanner_reclaims_cold_pages_and_keeps_hot_ones() {
         cpu_budget: 1.0,
         target_resident: None,
         handlers: 1,
+        cold_compression: None,
     };
     let pager = Pager::new(Mode::Full, policy).unwrap();
     let pages = 1024;
@@ -304,6 +305,7 @@ fn a_target_bounds_resident_memory() {
         cpu_budget: 1.0,
         target_resident: Some(256 * PAGE as u64),
         handlers: 1,
+        cold_compression: Some(pagestore::Compression::Zstd { level: 1 }),
     };
     let pager = Pager::new(Mode::Full, policy).unwrap();
     let region = pager.map_anonymous(2048 * PAGE, "target").unwrap();

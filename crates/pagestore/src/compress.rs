@@ -38,6 +38,12 @@ pub enum CompressError {
 /// (110% of the input and a few bytes), which is larger than zstd's; a test checks it.
 pub const MAX_COMPRESSED: usize = PAGE_SIZE + PAGE_SIZE / 8;
 
+/// The first byte of every compressed payload names its compressor, so that one store can
+/// hold pages compressed both ways (LZ4 for pages that may come back soon, zstd for the
+/// coldest) and decode each without being told.
+const TAG_LZ4: u8 = 1;
+const TAG_ZSTD: u8 = 2;
+
 thread_local! {
     // zstd contexts are costly to build (hundreds of KiB): one per thread, reused.
     static ZSTD_C: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
@@ -48,26 +54,36 @@ impl Compression {
     /// Compresses `page` into `out`, returning the compressed length, or `None` when the
     /// compressor fails (only possible for zstd, on allocation failure).
     pub fn compress(self, page: &Page, out: &mut [u8; MAX_COMPRESSED]) -> Option<usize> {
-        match self {
-            Compression::Lz4 => lz4_flex::block::compress_into(page, out).ok(),
-            Compression::Zstd { level } => ZSTD_C.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.as_ref().is_none_or(|(l, _)| *l != level) {
-                    *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-                }
-                let (_, z) = c.as_mut()?;
-                z.compress_to_buffer(&page[..], &mut out[..]).ok()
-            }),
-        }
-    }
-
-    /// Rebuilds a page from what [`Compression::compress`] produced. Never panics on bad input.
-    pub fn decompress(self, data: &[u8], out: &mut Page) -> Result<(), CompressError> {
+        let (tag, body) = out.split_first_mut().expect("the buffer is not empty");
         let n = match self {
             Compression::Lz4 => {
-                lz4_flex::block::decompress_into(data, out).map_err(CompressError::Lz4)?
+                *tag = TAG_LZ4;
+                lz4_flex::block::compress_into(page, body).ok()
             }
-            Compression::Zstd { .. } => ZSTD_D.with(|d| {
+            Compression::Zstd { level } => {
+                *tag = TAG_ZSTD;
+                ZSTD_C.with(|c| {
+                    let mut c = c.borrow_mut();
+                    if c.as_ref().is_none_or(|(l, _)| *l != level) {
+                        *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+                    }
+                    let (_, z) = c.as_mut()?;
+                    z.compress_to_buffer(&page[..], body).ok()
+                })
+            }
+        }?;
+        Some(n + 1)
+    }
+
+    /// Rebuilds a page from what [`Compression::compress`] produced, whichever compressor
+    /// made it (the payload says). Never panics on bad input.
+    pub fn decompress(self, data: &[u8], out: &mut Page) -> Result<(), CompressError> {
+        let Some((&tag, data)) = data.split_first() else {
+            return Err(CompressError::WrongLength(0));
+        };
+        let n = match tag {
+            TAG_LZ4 => lz4_flex::block::decompress_into(data, out).map_err(CompressError::Lz4)?,
+            TAG_ZSTD => ZSTD_D.with(|d| {
                 let mut d = d.borrow_mut();
                 if d.is_none() {
                     *d = Some(zstd::bulk::Decompressor::new().map_err(CompressError::Zstd)?);
@@ -76,6 +92,7 @@ impl Compression {
                 z.decompress_to_buffer(data, &mut out[..])
                     .map_err(CompressError::Zstd)
             })?,
+            _ => return Err(CompressError::WrongLength(0)),
         };
         if n != PAGE_SIZE {
             return Err(CompressError::WrongLength(n));
@@ -99,8 +116,8 @@ mod tests {
 
     #[test]
     fn buffer_holds_the_worst_case() {
-        assert!(MAX_COMPRESSED >= lz4_flex::block::get_maximum_output_size(PAGE_SIZE));
-        assert!(MAX_COMPRESSED >= zstd::zstd_safe::compress_bound(PAGE_SIZE));
+        assert!(MAX_COMPRESSED > lz4_flex::block::get_maximum_output_size(PAGE_SIZE));
+        assert!(MAX_COMPRESSED > zstd::zstd_safe::compress_bound(PAGE_SIZE));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::arena::{self, Arena, Handle};
-use crate::compress::{CompressError, MAX_COMPRESSED};
+use crate::compress::{CompressError, Compression, MAX_COMPRESSED};
 use crate::config::{Config, ConfigError};
 use crate::delta::{DecodeError, DeltaCodec};
 use crate::page::{PAGE_SIZE, Page, is_zero};
@@ -544,6 +544,17 @@ impl PageStore {
 
     /// Stores `page` and says which form it took.
     pub fn insert_with_outcome(&self, page: &Page) -> Result<(PageId, Outcome), StoreError> {
+        self.insert_compressed_with(page, self.cfg.compression)
+    }
+
+    /// [`PageStore::insert_with_outcome`], compressing with `compression` if it compresses
+    /// the page at all: a caller that knows how cold a page is picks the compressor (LZ4 for
+    /// a page that may come back soon, zstd for a cold one). Either is read back alike.
+    pub fn insert_compressed_with(
+        &self,
+        page: &Page,
+        compression: Compression,
+    ) -> Result<(PageId, Outcome), StoreError> {
         if is_zero(page) {
             self.zero.fetch_add(1, Ordering::Relaxed);
             return Ok((PageId::ZERO, Outcome::Zero));
@@ -568,11 +579,7 @@ impl PageStore {
             let clen = match (&patch, self.cfg.max_compressed) {
                 (_, 0) => None,
                 (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
-                (_, max) => self
-                    .cfg
-                    .compression
-                    .compress(page, cbuf)
-                    .filter(|&n| n <= max),
+                (_, max) => compression.compress(page, cbuf).filter(|&n| n <= max),
             };
             let (form, payload, reference): (Form, &[u8], _) = match (&patch, clen) {
                 (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {

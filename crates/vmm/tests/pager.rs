@@ -37,7 +37,7 @@ fn run_under_reclaim(vcpus: u8, mode: Mode) {
             let mut rounds = 0u64;
             while !done.load(Ordering::Relaxed) {
                 // A rotating eighth of guest RAM at a time, back to back.
-                let phase = rounds as usize;
+                let phase = usize::try_from(rounds).unwrap_or(0);
                 pager.reclaim(&region, |ix| (ix / 64 + phase).is_multiple_of(8));
                 rounds += 1;
             }
