@@ -73,6 +73,9 @@ pub struct Run {
     pub rss_growth: i64,
     /// Pages by form at the end, for pager runs: zero, shared, patched, compressed.
     pub pages: Option<pager::stats::Pages>,
+    /// Other processes whose pages KSM merged during the KSM run (pid, pages): KSM's
+    /// counters are global, so the KSM figure is then too good.
+    pub other_ksm_users: Vec<(u32, u64)>,
 }
 
 fn rss_bytes() -> i64 {
@@ -177,6 +180,7 @@ pub fn run_one(
         ksm_general_profit: 0,
         rss_growth: 0,
         pages: None,
+        other_ksm_users: Vec::new(),
     };
     let results = std::thread::scope(|s| -> Result<Vec<Result<vmm::Exit, vmm::VmError>>> {
         let handles: Vec<_> = vms
@@ -235,6 +239,7 @@ pub fn run_one(
             run.cpu_s = k.cpu_s();
             run.ksm_pages_sharing = k.pages_sharing();
             run.ksm_general_profit = k.general_profit();
+            run.other_ksm_users = memory::other_ksm_users();
         }
         for c in &controls {
             c.request_stop();
@@ -337,6 +342,13 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             lat(r.fault_p99_ns),
             slow,
             r.rss_growth as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(k) = ksm.filter(|k| !k.other_ksm_users.is_empty()) {
+        o += &format!(
+            "WARNING: other processes had pages merged by KSM during its run ({:?}, pid and \
+             pages): KSM's global counters include them, so its figure is too good\n",
+            k.other_ksm_users
         );
     }
     if let Some(k) = ksm {

@@ -644,6 +644,8 @@ fn boot_and_dump(deb: &Debian, initrd: &Path, sock: &Path, out: &Path) -> Result
     let child = cmd
         .args(["-accel", "tcg", "-m", &RAM_MIB.to_string(), "-smp", "1"])
         .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        // Not KSM-mergeable: KSM's counters are global, and a benchmark may run beside this.
+        .args(["-machine", "mem-merge=off"])
         .args(["-no-reboot", "-monitor"])
         .arg(&monitor)
         .arg("-kernel")

@@ -159,6 +159,26 @@ impl Drop for Ksm {
     }
 }
 
+/// Other processes whose pages KSM has merged: KSM's counters are global, so they would
+/// count in this process's figures.
+pub fn other_ksm_users() -> Vec<(u32, u64)> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let n: u64 = std::fs::read_to_string(format!("/proc/{pid}/ksm_merging_pages"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (pid != me && n > 0).then_some((pid, n))
+        })
+        .collect()
+}
+
 fn find_ksmd() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;

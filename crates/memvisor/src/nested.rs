@@ -167,7 +167,16 @@ pub fn run(job: &Nested) -> Result<Outcome> {
     std::fs::write(&initrd, cpio)?;
     let start = Instant::now();
     let child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-machine", "q35"])
+        // mem-merge=off: this QEMU's RAM is never KSM's business, and KSM's counters are global,
+        // so a KSM experiment running beside it must not count its pages.
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-machine",
+            "q35,mem-merge=off",
+        ])
         .args(["-m", &job.outer_mib.to_string()])
         .args(["-smp", &job.outer_cpus.to_string()])
         .args(["-nodefaults", "-display", "none", "-serial", "stdio"])

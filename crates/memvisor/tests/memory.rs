@@ -151,6 +151,12 @@ fn bench_memory_compares_policies_on_real_images() {
             .unwrap()
     };
     let (none, ksm, full) = (held("none"), held("ksm"), held("full"));
+    let others = &runs.iter().find(|r| r["policy"] == "ksm").unwrap()["other_ksm_users"];
+    assert_eq!(
+        others.as_array().map(Vec::len),
+        Some(0),
+        "another KSM user ran: {others}"
+    );
     eprintln!("held: none {none}, ksm {ksm}, full {full}");
     assert!(none > 100 << 20, "two guests of real images hold memory");
     assert!(
