@@ -126,12 +126,13 @@ fn elapsed_ns(t0: Instant) -> u64 {
 }
 
 /// Maps a zero page at `addr` (a copy of zeros if the thread is writing, which saves it a
-/// second fault).
-fn zero_fill(inner: &Inner, addr: u64, write: bool) -> Result<Resolved, String> {
+/// second fault); wakes the thread only if `wake`, so that a caller can first bring its
+/// books up to date.
+fn zero_fill(inner: &Inner, addr: u64, write: bool, wake: bool) -> Result<Resolved, String> {
     let r = if write {
-        inner.uffd.copy(addr, &ZEROS.0, true)
+        inner.uffd.copy(addr, &ZEROS.0, wake)
     } else {
-        inner.uffd.zeropage(addr)
+        inner.uffd.zeropage(addr, wake)
     };
     r.map_err(|e| format!("filling page {addr:#x}: {e}"))
 }
@@ -150,7 +151,7 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
             // The reclaimer holds a page that our books call resident, yet it is missing:
             // someone else dropped it (MADV_DONTNEED), so its content is zero. The
             // reclaimer may be reading it right now and waits for this very fault.
-            return match zero_fill(inner, addr, write) {
+            return match zero_fill(inner, addr, write, true) {
                 Ok(Resolved::Again) => Done::Later,
                 Ok(Resolved::Exists) => {
                     let _ = inner.uffd.wake(addr, 4096);
@@ -179,10 +180,12 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                 ));
                 return Done::Yes;
             }
+            // The thread is woken only once the books say where the page is: whatever it
+            // does next (a reclaim, a stats read) sees them true.
             let r = if form == Form::Zero && !write {
-                inner.uffd.zeropage(addr)
+                inner.uffd.zeropage(addr, false)
             } else {
-                inner.uffd.copy(addr, buf, true)
+                inner.uffd.copy(addr, buf, false)
             };
             match r {
                 Ok(Resolved::Done) => {
@@ -197,6 +200,7 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                     region.unlock(ix, n);
                     c.missing.fetch_add(1, Relaxed);
                     c.refaults.fetch_add(1, Relaxed);
+                    let _ = inner.uffd.wake(addr, 4096);
                     c.latency[form.ix()].record(elapsed_ns(t0));
                     Done::Yes
                 }
@@ -222,21 +226,13 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
         }
         // Never populated, dropped by its owner, or (resident) dropped by someone else whose
         // remove event is not read yet, or a second message for a page already served.
-        _ => match zero_fill(inner, addr, write) {
+        _ => match zero_fill(inner, addr, write, false) {
             Ok(Resolved::Again) => {
                 c.again.fetch_add(1, Relaxed);
                 region.unlock(ix, m);
                 Done::Later
             }
             Ok(r) => {
-                if r == Resolved::Exists {
-                    c.exists.fetch_add(1, Relaxed);
-                    let _ = inner.uffd.wake(addr, 4096);
-                } else {
-                    c.missing.fetch_add(1, Relaxed);
-                    c.first_touch.fetch_add(1, Relaxed);
-                    c.first_touch_latency.record(elapsed_ns(t0));
-                }
                 let mut n = m.with_state(RESIDENT);
                 if m.state() != RESIDENT {
                     n = n.with_age(0);
@@ -245,6 +241,14 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                     n = n.set(WRITTEN);
                 }
                 region.unlock(ix, n);
+                let _ = inner.uffd.wake(addr, 4096);
+                if r == Resolved::Exists {
+                    c.exists.fetch_add(1, Relaxed);
+                } else {
+                    c.missing.fetch_add(1, Relaxed);
+                    c.first_touch.fetch_add(1, Relaxed);
+                    c.first_touch_latency.record(elapsed_ns(t0));
+                }
                 Done::Yes
             }
             Err(e) => {

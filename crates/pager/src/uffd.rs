@@ -100,6 +100,7 @@ const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
 const REGISTER_MODE_MISSING: u64 = 1;
 const REGISTER_MODE_WP: u64 = 2;
 const COPY_MODE_DONTWAKE: u64 = 1;
+const ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 const WP_MODE_WP: u64 = 1;
 
 /// Write-protect faults are reported with a flag.
@@ -327,14 +328,14 @@ impl Uffd {
         Self::resolved("copy", self.ioctl("copy", UFFDIO_COPY, &mut c))
     }
 
-    /// Maps the shared zero page at `dst` and wakes its waiters.
-    pub fn zeropage(&self, dst: u64) -> Result<Resolved, UffdError> {
+    /// Maps the shared zero page at `dst` and wakes its waiters (unless `wake` is false).
+    pub fn zeropage(&self, dst: u64, wake: bool) -> Result<Resolved, UffdError> {
         let mut z = ZeroPage {
             range: Range {
                 start: dst,
                 len: 4096,
             },
-            mode: 0,
+            mode: if wake { 0 } else { ZEROPAGE_MODE_DONTWAKE },
             zeropage: 0,
         };
         Self::resolved(
