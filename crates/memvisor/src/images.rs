@@ -53,7 +53,8 @@ pub struct Debian {
     pub initrd: PathBuf,
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd`; its stdout, or an error with its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("running {:?} (is it installed?)", cmd.get_program()))?;

@@ -374,20 +374,6 @@ fn cache_key(deb: &Debian) -> Result<u64> {
     Ok(h.digest())
 }
 
-fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?} (is it installed?)", cmd.get_program()))?;
-    ensure!(
-        out.status.success(),
-        "{:?} failed ({}): {}",
-        cmd,
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// The workloads' data, from Debian's kernel package (the same version as the kernel booted),
 /// unpacked once into the cache: the module trees of every workload and [`TEXT_FILES`].
 fn workload_data(deb: &Debian) -> Result<PathBuf> {
@@ -409,7 +395,7 @@ fn workload_data(deb: &Debian) -> Result<PathBuf> {
     let work = root.join(".work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    run_cmd(
+    images::run(
         Command::new("apt-get")
             .args(["download", "-q", &package])
             .current_dir(&work),
@@ -426,7 +412,7 @@ fn workload_data(deb: &Debian) -> Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
     let x = work.join("x");
-    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb_file).arg(&x))?;
+    images::run(Command::new("dpkg-deb").arg("-x").arg(&deb_file).arg(&x))?;
     let _ = std::fs::remove_dir_all(&dir);
     let kernel = x.join(format!("lib/modules/{v}/kernel"));
     // Renamed out of the unpacked package, not copied: the package is 400 MB unpacked and

@@ -1,8 +1,11 @@
 //! Guests of the kit booted on /dev/kvm.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use common::Shared;
 use vmm::{Exit, Vm, VmError};
 
 /// The kit, built once per test run into the workspace's target directory.
@@ -120,26 +123,6 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_quits() {
             .0
     });
     assert_eq!(exit, Exit::Quit, "{}", seen.text());
-}
-
-/// A console that the test can read while the guest writes it.
-#[derive(Clone, Default)]
-struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Shared {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]

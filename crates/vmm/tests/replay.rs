@@ -1,10 +1,13 @@
 //! The replay guest on real memory images, and the host's controls over a running guest
 //! (progress, stop, pacing, abort), booted on /dev/kvm.
 
+mod common;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::Shared;
 use vmm::{Control, Exit, ReplayParams, Vm, VmError, replay_ram_size};
 
 const PAGE: usize = 4096;
@@ -80,26 +83,6 @@ fn resident(start: *mut u8, len: usize) -> Vec<bool> {
     let r = unsafe { libc::mincore(start.cast(), len, vec.as_mut_ptr()) };
     assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
     vec.iter().map(|v| v & 1 != 0).collect()
-}
-
-/// A console that the test can read while the guest writes it.
-#[derive(Debug, Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Shared {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Waits up to 20 s for `done`; aborts the VM (so the test fails, not hangs) if it never is.
