@@ -7,7 +7,7 @@
 //! taken is deferred and retried, so no thread ever blocks on another while the kernel
 //! waits for it (see docs/pager.md, "Why nothing waits").
 
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::stats::Form;
 
@@ -145,7 +145,6 @@ pub struct Region {
     pub(crate) name: String,
     pub(crate) meta: Box<[AtomicU32]>,
     pub(crate) ids: Box<[AtomicU64]>,
-    pub(crate) resident: AtomicI64,
     /// Unmapped when the region goes, if the pager made the mapping.
     pub(crate) owned: bool,
 }
@@ -159,7 +158,6 @@ impl Region {
             name,
             meta: (0..pages).map(|_| AtomicU32::new(EMPTY)).collect(),
             ids: (0..pages).map(|_| AtomicU64::new(0)).collect(),
-            resident: AtomicI64::new(0),
             owned,
         }
     }
@@ -218,16 +216,7 @@ impl Region {
 
     /// Publishes `m` (busy bits cleared) and releases the page.
     pub(crate) fn unlock(&self, ix: usize, m: Meta) {
-        let before = self.load(ix).state();
         self.meta[ix].store(m.clear(BUSY).0, Ordering::Release);
-        let after = m.state();
-        if before != after {
-            if after == RESIDENT {
-                self.resident.fetch_add(1, Ordering::Relaxed);
-            } else if before == RESIDENT {
-                self.resident.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
     }
 
     /// Applies `f` to an unbusy page's meta word atomically; `None` if the page was busy.
@@ -254,14 +243,11 @@ impl Region {
         if r != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mut n = 0;
         for (ix, &v) in vec.iter().enumerate() {
             if v & 1 != 0 {
                 self.meta[ix].store(RESIDENT, Ordering::Relaxed);
-                n += 1;
             }
         }
-        self.resident.store(n, Ordering::Relaxed);
         Ok(())
     }
 

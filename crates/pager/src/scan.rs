@@ -271,11 +271,8 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
         // the pages are gone either way. Fail loudly rather than guess.
         inner.fail(&format!("MADV_DONTNEED failed on {}", region.name));
     }
-    region.resident.fetch_sub(stored.len() as i64, Relaxed);
     for &(ix, m, _, form) in &stored {
-        // The state word already says STORED; unlock must not count it twice.
-        let n = m.with_state(STORED).with_form(form).with_age(0);
-        region.meta[ix].store(n.0, std::sync::atomic::Ordering::Release);
+        region.unlock(ix, m.with_state(STORED).with_form(form).with_age(0));
     }
     c.reclaimed.fetch_add(stored.len() as u64, Relaxed);
     inner.kick_handlers();
