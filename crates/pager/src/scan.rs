@@ -56,8 +56,10 @@ fn throttle(inner: &Inner, budget: f64, started: Instant, start_cpu: u64) {
 fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu: u64) {
     let regions: Vec<Arc<Region>> = inner.regions.read().clone();
     let mut nru = [0u64; 4];
-    // (scans past cold, region, page) of the resident pages that may go.
-    let mut idle: Vec<(u32, usize, usize)> = Vec::new();
+    // (region, page) of the cold pages, and (age, region, page) of the idle ones that a
+    // target may take too.
+    let mut cold: Vec<(usize, usize)> = Vec::new();
+    let mut warm: Vec<(u32, usize, usize)> = Vec::new();
     let mut resident = 0u64;
     for (ri, region) in regions.iter().enumerate() {
         let mut arm_from: Option<usize> = None;
@@ -81,13 +83,11 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
                     }
                     Aged::Referenced => nru[1] += 1,
                     Aged::Idle { age } => {
-                        let cold = policy.cold_scans << backoff;
                         nru[if age >= policy.cold_scans { 3 } else { 2 }] += 1;
-                        // First field: how far past cold (0: idle, not yet cold).
-                        if age >= cold {
-                            idle.push((age - cold + 1, ri, ix));
+                        if age >= policy.cold_scans << backoff {
+                            cold.push((ri, ix));
                         } else if policy.target_resident.is_some() {
-                            idle.push((0, ri, ix));
+                            warm.push((age, ri, ix));
                         }
                     }
                 }
@@ -112,8 +112,7 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
     }
     // Cold pages go first, in address order so that runs are long; then, with a target,
     // idle pages, longest idle first, until under it.
-    let (mut cold, mut warm): (Vec<_>, Vec<_>) = idle.into_iter().partition(|p| p.0 > 0);
-    cold.sort_unstable_by_key(|p| (p.1, p.2));
+    // The scan found cold pages in address order already.
     warm.sort_unstable_by_key(|p| std::cmp::Reverse(p.0));
     let mut over = policy
         .target_resident
@@ -121,7 +120,8 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
     let mut batch: Vec<usize> = Vec::with_capacity(BATCH);
     let mut batch_region = usize::MAX;
     let n_cold = cold.len();
-    for (i, (_, ri, ix)) in cold.into_iter().chain(warm).enumerate() {
+    let warm = warm.into_iter().map(|(_, ri, ix)| (ri, ix));
+    for (i, (ri, ix)) in cold.into_iter().chain(warm).enumerate() {
         if i >= n_cold && over == 0 {
             break;
         }
