@@ -78,13 +78,6 @@ pub struct Run {
     pub other_ksm_users: Vec<(u32, u64)>,
 }
 
-fn rss_bytes() -> i64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
-        .map_or(0, |p| p * 4096)
-}
-
 /// Loads the images of a set.
 pub fn load(set: ImageSet) -> Result<Vec<(String, Vec<u8>)>> {
     memimages::memory_images(set)?
@@ -119,7 +112,8 @@ pub fn run_one(
         })
         .collect::<Result<_>>()?;
     let rams: Vec<(*mut u8, usize)> = vms.iter().map(Vm::ram_host_range).collect();
-    let rss0 = rss_bytes();
+    let rss_now = || crate::tmem_cmd::rss_of(std::process::id()).cast_signed();
+    let rss0 = rss_now();
     let controls: Vec<Arc<Control>> = vms.iter().map(|_| Arc::new(Control::new())).collect();
     let ksm = match policy {
         Policy::Ksm => {
@@ -227,7 +221,7 @@ pub fn run_one(
             (rounds - warm_rounds.unwrap_or(0)) as f64 / warm_at.elapsed().as_secs_f64().max(1e-3);
         run.cpu_late_core = (engine_cpu() - half.1) / half.0.elapsed().as_secs_f64().max(1e-3);
         let stats = held(&mut run);
-        run.rss_growth = rss_bytes() - rss0;
+        run.rss_growth = rss_now() - rss0;
         if let Some(st) = stats {
             run.cpu_s = st.cpu_s();
             run.fault_p50_ns = st.refault_latency.p50_ns;

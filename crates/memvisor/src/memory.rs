@@ -117,7 +117,7 @@ impl Ksm {
         ksm_write("sleep_millisecs", sleep_ms)?;
         ksm_write("run", 1)?;
         let ksmd = find_ksmd();
-        let cpu0 = ksmd.map_or(0.0, proc_cpu_s);
+        let cpu0 = ksmd.map_or(0.0, crate::tmem_cmd::cpu_of);
         Ok(Ksm { saved, ksmd, cpu0 })
     }
 
@@ -145,7 +145,8 @@ impl Ksm {
 
     /// ksmd's CPU seconds since start.
     pub fn cpu_s(&self) -> f64 {
-        self.ksmd.map_or(0.0, |p| proc_cpu_s(p) - self.cpu0)
+        self.ksmd
+            .map_or(0.0, |p| crate::tmem_cmd::cpu_of(p) - self.cpu0)
     }
 }
 
@@ -185,23 +186,6 @@ fn find_ksmd() -> Option<u32> {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         (comm.trim() == "ksmd").then_some(pid)
     })
-}
-
-/// User + system CPU seconds of a process or thread, from /proc/PID/stat.
-pub fn proc_cpu_s(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
 }
 
 /// The pager for guest RAM, with defaults that are safe: cold after 8 s, a quarter core.

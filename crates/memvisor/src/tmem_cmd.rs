@@ -106,7 +106,7 @@ impl Drop for Proc {
 }
 
 /// User plus system CPU seconds of every thread of process `pid` so far.
-fn cpu_of(pid: u32) -> f64 {
+pub(crate) fn cpu_of(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -120,7 +120,8 @@ fn cpu_of(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-fn rss_of(pid: u32) -> u64 {
+/// Resident set of process `pid`, bytes.
+pub(crate) fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
