@@ -266,7 +266,8 @@ pub fn run_one(
     Ok(run)
 }
 
-fn mib(b: u64) -> f64 {
+/// Bytes in MiB.
+pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 

@@ -103,7 +103,7 @@ fn heading(s: &str) {
 fn guests(seconds: u64) -> Result<()> {
     use std::io::IsTerminal;
 
-    use crate::bench_memory::{self, Bench};
+    use crate::bench_memory::{self, Bench, mib};
     use crate::memimages::ImageSet;
     use crate::memory::Policy;
 
@@ -137,7 +137,6 @@ fn guests(seconds: u64) -> Result<()> {
     let elf = std::fs::read(vmm::kit::build("replay", &vmm::kit::target_dir())?)?;
     let tty = std::io::stdout().is_terminal();
     let mut last: Option<pager::Stats> = None;
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     bench_memory::run_one(&b, b.policies[0], &images, &elf, &mut |r, st| {
         let Some(st) = st else { return };
         let (t, held) = r.series.last().copied().unwrap_or_default();

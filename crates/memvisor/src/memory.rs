@@ -338,7 +338,7 @@ pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    format!("{:.1} MiB", crate::bench_memory::mib(b))
 }
 
 fn us(ns: u64) -> String {
