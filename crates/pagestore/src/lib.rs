@@ -21,5 +21,5 @@ pub use compress::{CompressError, Compression, MAX_COMPRESSED};
 pub use config::{Config, ConfigError, PatchConfig};
 pub use delta::{DecodeError, DeltaCodec};
 pub use page::{PAGE_SIZE, Page, is_zero};
-pub use similarity::SimilarityConfig;
+pub use similarity::{Keys, Loc, MAX_LOC, SimilarityConfig, SimilarityIndex};
 pub use store::{Class, FormStats, Outcome, PageId, PageStore, Stats, StoreError};

@@ -45,13 +45,17 @@ impl Default for SimilarityConfig {
     }
 }
 
-/// Where a page lives inside the store: shard and slot, packed into 31 bits.
-pub(crate) type Loc = u32;
+/// Where a candidate page lives, as the index's user numbers them, in 31 bits (at most
+/// [`MAX_LOC`]). The page store packs shard and slot into it; the snapshot store an object
+/// number.
+pub type Loc = u32;
+/// The largest [`Loc`] the index can hold.
+pub const MAX_LOC: Loc = 0x7fff_ffff;
 const VALID: u64 = 1 << 31;
 
 /// A page's similarity keys; `None` for an index whose blocks are all zero (zero blocks are
 /// common to unrelated pages, so they are no evidence of similarity).
-pub(crate) type Keys = [Option<u64>; MAX_INDICES];
+pub type Keys = [Option<u64>; MAX_INDICES];
 
 #[derive(Debug)]
 struct Tables {
@@ -60,8 +64,11 @@ struct Tables {
     per: usize,
 }
 
+/// Difference Engine's HashSimilarityDetector(k, s): lossy, lock-free tables from a page's
+/// similarity keys to the [`Loc`] of a page that had the same keys. A hint, never a truth: the
+/// caller checks a candidate by encoding a patch against it.
 #[derive(Debug)]
-pub(crate) struct SimilarityIndex {
+pub struct SimilarityIndex {
     offsets: Vec<[u16; MAX_BLOCKS]>,
     blocks: usize,
     tables: RwLock<Tables>,
@@ -79,7 +86,9 @@ fn splitmix(x: &mut u64) -> u64 {
 const INITIAL_SLOTS: usize = 1 << 12;
 
 impl SimilarityIndex {
-    pub(crate) fn new(cfg: &SimilarityConfig) -> Self {
+    /// An empty index of the given shape (`cfg` is assumed valid: see
+    /// [`crate::Config::validate`]).
+    pub fn new(cfg: &SimilarityConfig) -> Self {
         // Distinct block offsets for all k*s blocks, so that keys are independent.
         let mut state = cfg.seed;
         let mut used = [false; PAGE_SIZE / BLOCK];
@@ -105,7 +114,9 @@ impl SimilarityIndex {
         }
     }
 
-    pub(crate) fn keys(&self, page: &Page) -> Keys {
+    /// The `k` similarity keys of `page`; the same page always gives the same keys for the
+    /// same configuration, so keys may be kept (on disk, say) and inserted later.
+    pub fn keys(&self, page: &Page) -> Keys {
         let mut keys = [None; MAX_INDICES];
         for (key, offs) in keys.iter_mut().zip(&self.offsets) {
             let mut k = 0u64;
@@ -127,7 +138,7 @@ impl SimilarityIndex {
     }
 
     /// The stored page that most keys point at.
-    pub(crate) fn lookup(&self, keys: &Keys) -> Option<Loc> {
+    pub fn lookup(&self, keys: &Keys) -> Option<Loc> {
         let t = self.tables.read();
         let mut found: [(Loc, u8); MAX_INDICES] = [(0, 0); MAX_INDICES];
         let mut n = 0;
@@ -149,8 +160,11 @@ impl SimilarityIndex {
         found[..n].iter().max_by_key(|(_, v)| *v).map(|(l, _)| *l)
     }
 
-    /// Makes `loc` the page that `keys` find, growing the tables as references multiply.
-    pub(crate) fn insert(&self, keys: &Keys, loc: Loc) {
+    /// Makes `loc` (at most [`MAX_LOC`]) the page that `keys` find, growing the tables as
+    /// references multiply.
+    pub fn insert(&self, keys: &Keys, loc: Loc) {
+        debug_assert!(loc <= MAX_LOC, "similarity locations have 31 bits");
+        let loc = loc & MAX_LOC;
         {
             let t = self.tables.read();
             for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
@@ -167,7 +181,8 @@ impl SimilarityIndex {
     }
 
     /// Forgets `loc` wherever its keys still point at it.
-    pub(crate) fn remove(&self, keys: &Keys, loc: Loc) {
+    pub fn remove(&self, keys: &Keys, loc: Loc) {
+        let loc = loc & MAX_LOC;
         let t = self.tables.read();
         for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
             if let Some(key) = *key {
@@ -204,7 +219,7 @@ impl SimilarityIndex {
     }
 
     /// Bytes the index holds.
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.tables.read().slots.len() * std::mem::size_of::<AtomicU64>()
             + self.offsets.len() * std::mem::size_of::<[u16; MAX_BLOCKS]>()
     }
