@@ -251,6 +251,27 @@ impl Uffd {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// A userfaultfd made by another process (a VMM that hands its guest RAM's userfaultfd to
+    /// a page server over SCM_RIGHTS): its features were agreed by its maker, so write-protect
+    /// is not assumed. The fd is made non-blocking, as every reader here expects.
+    pub fn from_fd(fd: OwnedFd) -> Result<Uffd, UffdError> {
+        // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(UffdError::Ioctl {
+                op: "fcntl O_NONBLOCK",
+                source: last_error(),
+            });
+        }
+        Ok(Uffd {
+            fd,
+            write_protect: false,
+        })
+    }
+
     /// Whether write-protect faults are available.
     pub fn has_write_protect(&self) -> bool {
         self.write_protect
@@ -408,6 +429,12 @@ impl Uffd {
             };
         }
         Ok(count)
+    }
+
+    /// The fd, for poll and for handing to a page server.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     /// The fd, for poll.
