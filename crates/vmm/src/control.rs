@@ -19,8 +19,8 @@
 //! does: the vCPUs are kicked out of KVM_RUN and out of pacing sleeps.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::vm::{Stop, VmError};
 
@@ -47,6 +47,8 @@ pub struct Control {
     sleeps: AtomicU64,
     slept_ns: AtomicU64,
     asked_ns: AtomicU64,
+    /// When the first vCPU entered KVM_RUN.
+    first_entry: OnceLock<Instant>,
     /// The abort reason and the run to end, under one lock so that an abort and the start of
     /// a run cannot miss each other.
     state: Mutex<State>,
@@ -116,6 +118,17 @@ impl Control {
     /// the time not slept, the guest's duty cycle.
     pub fn asked(&self) -> Duration {
         Duration::from_nanos(self.asked_ns.load(Ordering::Relaxed))
+    }
+
+    /// When the run's first vCPU first entered KVM_RUN (None before): for a restored VM, the
+    /// moment the guest's first instruction could run.
+    pub fn first_entry(&self) -> Option<Instant> {
+        self.first_entry.get().copied()
+    }
+
+    /// A vCPU thread is about to enter KVM_RUN.
+    pub(crate) fn entering(&self) {
+        self.first_entry.get_or_init(Instant::now);
     }
 
     /// A guest's progress report: `data` is the port write, any width.

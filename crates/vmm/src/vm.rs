@@ -1,8 +1,9 @@
 //! A VM on /dev/kvm: its guest RAM, its vCPU, and the loop that serves the vCPU's exits.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -440,10 +441,55 @@ fn forward_input<W: Write>(fd: BorrowedFd<'_>, ports: &Mutex<Ports<W>>, stop: &S
     }
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's vCPU's `kvm_run.immediate_exit` byte, while the thread runs the vCPU
+    /// (null otherwise): the kick signal's handler sets it.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick's handler: it sets the interrupted thread's `immediate_exit`, as KVM's API
+/// advises, so that a kick landing just before KVM_RUN still makes it return at once
+/// (EINTR) rather than being lost.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    set_immediate_exit(1);
+}
+
+/// Sets this thread's vCPU's `immediate_exit` (nothing if the thread runs no vCPU).
+fn set_immediate_exit(value: u8) {
+    // A const-initialised thread-local without a destructor: reading it allocates nothing and
+    // cannot fail, so it is safe in a signal handler.
+    let Ok(p) = IMMEDIATE_EXIT.try_with(Cell::get) else {
+        return;
+    };
+    if !p.is_null() {
+        // SAFETY: `p` points at the `immediate_exit` byte of this thread's vCPU's kvm_run
+        // page, mapped for as long as the vCPU's fd lives; `ImmediateExit` clears the pointer
+        // before that fd can go. Only this thread (and its signal handler) writes the byte
+        // from user space, always atomically; the kernel reads it at KVM_RUN's start.
+        unsafe { AtomicU8::from_ptr(p) }.store(value, Ordering::SeqCst);
+    }
+}
+
+/// Publishes a vCPU's `immediate_exit` byte to this thread's kick handler while it lives.
+struct ImmediateExit;
+
+impl ImmediateExit {
+    fn arm(vcpu: &mut VcpuFd) -> ImmediateExit {
+        let p = &raw mut vcpu.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.set(p);
+        ImmediateExit
+    }
+}
+
+impl Drop for ImmediateExit {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.set(std::ptr::null_mut());
+    }
+}
 
 /// The signal that interrupts a vCPU thread's KVM_RUN: a real-time one, which the C runtime
-/// does not use, with a handler that does nothing (the interrupted ioctl returns EINTR).
+/// does not use, with a handler that only sets the thread's `immediate_exit` (the
+/// interrupted ioctl returns EINTR).
 fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
@@ -581,11 +627,14 @@ impl Stop {
             for t in threads.iter() {
                 if let Thread::Running(t) = t {
                     // SAFETY: the thread is alive: it marks itself Left, under this lock,
-                    // before it exits; the signal has a handler, so it only interrupts KVM_RUN.
+                    // before it exits; the signal has a handler, which only sets the thread's
+                    // immediate_exit, so it interrupts nothing but KVM_RUN.
                     unsafe { libc::pthread_kill(*t, kick_signal()) };
                 }
             }
-            // A kick that lands just before KVM_RUN is lost: kick again after a moment.
+            // A thread between its checks and KVM_RUN returns at once (its immediate_exit
+            // is set); one busy elsewhere (a port write, a sleep) sees the flag when done.
+            // Kick again after a moment all the same.
             threads = self
                 .changed
                 .wait_timeout(threads, std::time::Duration::from_millis(1))
@@ -637,13 +686,19 @@ fn run_vcpu<W: Write>(
     ports: &Mutex<Ports<W>>,
     run: &Run<'_>,
 ) -> Option<Result<Exit, VmError>> {
+    let _kick = ImmediateExit::arm(vcpu);
     let ports = || lock(ports);
+    run.control.entering();
     loop {
         if run.stop.stopping() {
             return None;
         }
         let what = match vcpu.run() {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EINTR => {
+                set_immediate_exit(0);
+                continue;
+            }
+            Err(e) if e.errno() == libc::EAGAIN => continue,
             Err(e) => return Some(Err(VmError::Kvm("running a vCPU", e))),
             // The control ports are served here, without the devices' lock: a pacing sleep
             // must not hold up the other vCPUs' console or exit.
