@@ -3,8 +3,11 @@
 
 use std::io::Write;
 
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::state::DeviceState;
 
 /// COM1, the guest's console: a 16550 UART (vm-superio) at 0x3f8, IRQ 4.
 pub const COM1: u16 = 0x3f8;
@@ -88,7 +91,7 @@ pub enum PortAction {
 
 /// The VM's port I/O devices.
 pub struct Ports<W: Write> {
-    serial: Serial<IrqLine, vm_superio::serial::NoEvents, Console<W>>,
+    serial: Serial<IrqLine, NoEvents, Console<W>>,
     cmos_index: u8,
 }
 
@@ -109,6 +112,43 @@ impl<W: Write> Ports<W> {
         Ports {
             serial: Serial::new(irq, console),
             cmos_index: 0,
+        }
+    }
+
+    /// Devices as saved in `state` (a paused VM's), writing to `console`, the UART's
+    /// interrupt to `irq`. The state may come from a file: a UART FIFO beyond the 16550's 64
+    /// bytes is refused, a panic-watcher position out of range starts over.
+    pub fn from_state(
+        console: W,
+        irq: IrqLine,
+        state: &DeviceState,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        let matched = usize::try_from(state.console_matched)
+            .ok()
+            .filter(|&m| m < PANIC_LINE.len())
+            .unwrap_or(0);
+        let console = Console {
+            out: console,
+            matched,
+            panicked: state.console_panicked,
+        };
+        let serial = Serial::from_state(&(&state.serial).into(), irq, NoEvents, console)?;
+        Ok(Ports {
+            serial,
+            cmos_index: state.cmos_index & 0x7f,
+        })
+    }
+
+    /// The devices' state, for a paused VM's [`DeviceState`] (`clock_us` is the run's, so
+    /// left 0 here).
+    pub fn state(&self) -> DeviceState {
+        let console = self.serial.writer();
+        DeviceState {
+            serial: self.serial.state().into(),
+            cmos_index: self.cmos_index,
+            console_matched: u32::try_from(console.matched).unwrap_or(0),
+            console_panicked: console.panicked,
+            clock_us: 0,
         }
     }
 

@@ -15,10 +15,12 @@ pub mod kit;
 pub mod linux;
 pub mod loader;
 pub mod replay;
+pub mod state;
 mod vm;
 pub mod x86;
 
 pub use control::Control;
 pub use linux::{LinuxBoot, LinuxError};
 pub use replay::{ReplayError, ReplayParams, replay_ram_size};
+pub use state::{StateError, VmState};
 pub use vm::{Exit, Vm, VmError};
