@@ -17,11 +17,16 @@
 //!
 //! [`Control::abort`] ends the run at once with [`crate::VmError::Aborted`], whatever the guest
 //! does: the vCPUs are kicked out of KVM_RUN and out of pacing sleeps.
+//!
+//! [`Control::pause`] stops every vCPU between two guest instructions, with its I/O complete,
+//! and hands back the whole VM's state (a [`VmState`]) in a [`Paused`]; the vCPUs go on when
+//! it is resumed or dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::state::VmState;
 use crate::vm::{Stop, VmError};
 
 /// `out` (32-bit): the guest finished this many rounds of work since its last report.
@@ -49,6 +54,8 @@ pub struct Control {
     asked_ns: AtomicU64,
     /// When the first vCPU entered KVM_RUN.
     first_entry: OnceLock<Instant>,
+    parks: AtomicU64,
+    parked_ns: AtomicU64,
     /// The abort reason and the run to end, under one lock so that an abort and the start of
     /// a run cannot miss each other.
     state: Mutex<State>,
@@ -126,6 +133,48 @@ impl Control {
         self.first_entry.get().copied()
     }
 
+    /// Pauses the running VM: every vCPU leaves the guest (kicked out of KVM_RUN, or woken
+    /// from a pacing sleep), completes the I/O it last exited for, captures its own state and
+    /// parks; the last to park captures the VM's (interrupt controllers, PIT, clock, devices).
+    /// Returns once all have parked, with the state; the vCPUs go on when the [`Paused`] is
+    /// resumed or dropped. Errors, with the VM left running (or ended): no run under this
+    /// control ([`VmError::NotRunning`]), a pause already in force, the VM ending meanwhile
+    /// ([`VmError::PauseEnded`]), a vCPU not parked within `timeout` (one blocked in a
+    /// console write, say: [`VmError::PauseTimeout`]), or KVM refusing to give some state.
+    pub fn pause(&self, timeout: Duration) -> Result<Paused, VmError> {
+        let t0 = Instant::now();
+        let run = lock(&self.state).run.clone().ok_or(VmError::NotRunning)?;
+        let (state, epoch) = run.pause(timeout)?;
+        Ok(Paused {
+            run,
+            epoch,
+            state: Some(state),
+            asked: t0,
+            took: t0.elapsed(),
+        })
+    }
+
+    /// How many times a vCPU parked for a pause (summed over vCPUs).
+    pub fn parks(&self) -> u64 {
+        self.parks.load(Ordering::Relaxed)
+    }
+
+    /// How long vCPUs were kept from the guest by pauses, summed over them: each from the
+    /// [`Control::pause`] call until it went back towards KVM_RUN after the resume. Over
+    /// [`Control::parks`], what a pause costs the guest.
+    pub fn parked(&self) -> Duration {
+        Duration::from_nanos(self.parked_ns.load(Ordering::Relaxed))
+    }
+
+    /// Counts a vCPU's park that kept it `d` from the guest.
+    pub(crate) fn count_park(&self, d: Duration) {
+        self.parks.fetch_add(1, Ordering::Relaxed);
+        self.parked_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// A vCPU thread is about to enter KVM_RUN.
     pub(crate) fn entering(&self) {
         self.first_entry.get_or_init(Instant::now);
@@ -160,6 +209,58 @@ impl Control {
     /// Unties the run, once it is over.
     pub(crate) fn detach(&self) {
         lock(&self.state).run = None;
+    }
+}
+
+/// A paused VM: its vCPUs are parked outside the guest until [`Paused::resume`] (or drop).
+///
+/// Guest RAM does not change while it lives (no vCPU runs); the devices take console input
+/// meanwhile, which the captured state does not hold.
+#[derive(Debug)]
+pub struct Paused {
+    run: Arc<Stop>,
+    /// Which pause of the run this is.
+    epoch: u64,
+    /// The state; taken by [`Paused::resume`], after which drop resumes nothing.
+    state: Option<VmState>,
+    asked: Instant,
+    took: Duration,
+}
+
+impl Paused {
+    /// The VM's state as captured when the last vCPU parked.
+    pub fn state(&self) -> &VmState {
+        self.state
+            .as_ref()
+            .expect("only resume takes the state, and it takes self")
+    }
+
+    /// How long [`Control::pause`] took: from the call until every vCPU had parked and the
+    /// state was whole.
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+
+    /// How long the VM has been paused so far, counted from the [`Control::pause`] call.
+    pub fn elapsed(&self) -> Duration {
+        self.asked.elapsed()
+    }
+
+    /// Lets the vCPUs go on; returns how long the VM was paused, from the [`Control::pause`]
+    /// call to now, and the state.
+    pub fn resume(mut self) -> (Duration, VmState) {
+        self.run.resume(self.epoch);
+        let paused = self.asked.elapsed();
+        let state = self.state.take().expect("taken only here");
+        (paused, state)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if self.state.is_some() {
+            self.run.resume(self.epoch);
+        }
     }
 }
 

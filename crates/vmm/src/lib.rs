@@ -5,8 +5,10 @@
 //! console from vm-superio, an exit port, the i8042 reset); and the x86 boot path of the guest
 //! kit: long mode, identity-mapped, started directly in ring 3, where KVM's PVM backend runs
 //! guest code natively. A [`Control`] lets the host follow and stop a running kit guest, and
-//! [`Vm::load_replay`] sets up the replay guest, which walks a real memory image with a
-//! hot/warm/cold skew. docs/vmm.md has the details and what was measured.
+//! pause it: [`Control::pause`] parks every vCPU with its I/O complete and captures the VM's
+//! state ([`VmState`], with a versioned byte format), which [`Vm::restore_image_ctl`] starts
+//! on a new VM. [`Vm::load_replay`] sets up the replay guest, which walks a real memory image
+//! with a hot/warm/cold skew. docs/vmm.md has the details and what was measured.
 #![warn(missing_docs)]
 
 pub mod control;
@@ -19,7 +21,7 @@ pub mod state;
 mod vm;
 pub mod x86;
 
-pub use control::Control;
+pub use control::{Control, Paused};
 pub use linux::{LinuxBoot, LinuxError};
 pub use replay::{ReplayError, ReplayParams, replay_ram_size};
 pub use state::{StateError, VmState};

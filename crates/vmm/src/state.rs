@@ -1,8 +1,8 @@
 //! A paused VM's state: everything besides guest RAM that a guest-kit VM needs to go on
 //! running on a fresh VM, and its versioned byte format.
 //!
-//! A pause of the running VM captures a [`VmState`]; a restore applies one to a new VM whose
-//! guest RAM the caller has filled (or will fill lazily). Per vCPU: the
+//! [`crate::Control::pause`] captures a [`VmState`]; [`crate::Vm::restore_image_ctl`] applies
+//! one to a new VM whose guest RAM the caller has filled (or will fill lazily). Per vCPU: the
 //! registers, special registers, FPU, LAPIC, MP state, pending events, XCRs, debug registers,
 //! XSAVE area, the MSRs KVM lists as saveable, and the CPUID it was given. Per VM: the PICs and
 //! the IOAPIC, the PIT, the KVM clock, and the port devices (the 16550 UART, the CMOS index,
@@ -25,10 +25,15 @@
 //! cannot take.
 
 use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, Msrs,
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+use crate::vm::VmError;
 
 /// The first 8 bytes of a VM state.
 pub const STATE_MAGIC: [u8; 8] = *b"MVSTATE\0";
@@ -343,6 +348,241 @@ impl VmState {
         }
         Ok(state)
     }
+}
+
+/// What a run learns once, at its start, so that capturing state while paused is quick: the
+/// MSRs to save and the size of the XSAVE area.
+#[derive(Debug)]
+pub(crate) struct Capture {
+    /// The MSRs in KVM's index list that KVM reads on this host, or why there is no list.
+    msrs: Result<Vec<u32>, kvm_ioctls::Error>,
+    /// The XSAVE area's size in 32-bit words: 1024 (4 KiB) unless KVM_CAP_XSAVE2 says more.
+    xsave_words: usize,
+}
+
+impl Capture {
+    /// Probes KVM (through a vCPU of the run, before it runs).
+    pub(crate) fn probe(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Capture {
+        Capture {
+            msrs: saveable_msrs(kvm, vcpu),
+            xsave_words: xsave_words(vm),
+        }
+    }
+}
+
+/// The XSAVE area's size in 32-bit words.
+pub(crate) fn xsave_words(vm: &VmFd) -> usize {
+    let bytes = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    bytes.max(size_of::<kvm_xsave>()).div_ceil(4)
+}
+
+/// KVM's MSR index list, less the MSRs KVM_GET_MSRS will not read here (it stops at the first
+/// it refuses: drop that one and ask again).
+fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::Error> {
+    let mut list = kvm.get_msr_index_list()?.as_slice().to_vec();
+    while !list.is_empty() {
+        let mut msrs = msr_entries(&list)?;
+        let read = vcpu.get_msrs(&mut msrs)?;
+        if read >= list.len() {
+            break;
+        }
+        list.remove(read);
+    }
+    Ok(list)
+}
+
+fn msr_entries(indices: &[u32]) -> Result<Msrs, kvm_ioctls::Error> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))
+}
+
+/// Captures one vCPU's state. It must not be in KVM_RUN, and its last KVM_RUN must have
+/// returned EINTR (so any I/O it exited for is complete).
+pub(crate) fn capture_vcpu(vcpu: &VcpuFd, id: u64, cap: &Capture) -> Result<VcpuState, VmError> {
+    let err = |what: &'static str| {
+        move |source| VmError::VcpuState {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
+    let indices = cap.msrs.as_ref().map_err(|e| VmError::MsrList(*e))?;
+    let mut msrs = msr_entries(indices).map_err(err("reading MSRs"))?;
+    let read = vcpu.get_msrs(&mut msrs).map_err(err("reading MSRs"))?;
+    if read != indices.len() {
+        return Err(VmError::MsrsRead {
+            vcpu: id,
+            read,
+            listed: indices.len(),
+        });
+    }
+    Ok(VcpuState {
+        id,
+        cpuid: vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("reading CPUID"))?
+            .as_slice()
+            .to_vec(),
+        regs: vcpu.get_regs().map_err(err("reading registers"))?,
+        sregs: vcpu.get_sregs().map_err(err("reading special registers"))?,
+        fpu: vcpu.get_fpu().ok().as_ref().map(Fpu::from),
+        lapic: vcpu.get_lapic().map_err(err("reading the LAPIC"))?,
+        mp_state: vcpu.get_mp_state().map_err(err("reading the MP state"))?,
+        events: vcpu.get_vcpu_events().ok(),
+        xcrs: vcpu.get_xcrs().ok(),
+        debugregs: vcpu.get_debug_regs().ok(),
+        xsave: get_xsave(vcpu, cap.xsave_words),
+        msrs: msrs.as_slice().to_vec(),
+    })
+}
+
+/// The XSAVE area, if KVM gives it.
+fn get_xsave(vcpu: &VcpuFd, words: usize) -> Option<Vec<u32>> {
+    if words <= 1024 {
+        let x = vcpu.get_xsave().ok()?;
+        return Some(x.region.to_vec());
+    }
+    let mut x = kvm_bindings::Xsave::new(words - 1024).ok()?;
+    // SAFETY: `x` holds `words` 32-bit words, the size KVM_CAP_XSAVE2 gave for this VM, so
+    // KVM writes inside it; no XSTATE feature is enabled after that size was read.
+    unsafe { vcpu.get_xsave2(&mut x) }.ok()?;
+    let mut region = x.as_fam_struct_ref().xsave.region.to_vec();
+    region.extend_from_slice(x.as_slice());
+    Some(region)
+}
+
+/// Applies a saved vCPU state to a new vCPU, in the order KVM needs: CPUID first, special
+/// registers before registers, LAPIC before MSRs, events, and the MP state last.
+pub(crate) fn apply_vcpu(vcpu: &VcpuFd, s: &VcpuState, xsave_words: usize) -> Result<(), VmError> {
+    let id = s.id;
+    let err = |what: &'static str| {
+        move |source| VmError::VcpuState {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
+    let cpuid = kvm_bindings::CpuId::from_entries(&s.cpuid).map_err(|_| VmError::RestoreCpuid {
+        vcpu: id,
+        entries: s.cpuid.len(),
+    })?;
+    vcpu.set_cpuid2(&cpuid).map_err(err("setting CPUID"))?;
+    vcpu.set_sregs(&s.sregs)
+        .map_err(err("setting special registers"))?;
+    vcpu.set_regs(&s.regs).map_err(err("setting registers"))?;
+    if let Some(fpu) = &s.fpu {
+        vcpu.set_fpu(&fpu.into()).map_err(err("setting the FPU"))?;
+    }
+    if let Some(xsave) = &s.xsave {
+        set_xsave(vcpu, id, xsave, xsave_words)?;
+    }
+    if let Some(xcrs) = &s.xcrs {
+        vcpu.set_xcrs(xcrs).map_err(err("setting the XCRs"))?;
+    }
+    if let Some(d) = &s.debugregs {
+        vcpu.set_debug_regs(d)
+            .map_err(err("setting the debug registers"))?;
+    }
+    vcpu.set_lapic(&s.lapic).map_err(err("setting the LAPIC"))?;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VmError::RestoreMsrs {
+        vcpu: id,
+        count: s.msrs.len(),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(err("setting MSRs"))?;
+    if let Some(refused) = s.msrs.get(set) {
+        return Err(VmError::Msr(refused.index));
+    }
+    if let Some(e) = &s.events {
+        vcpu.set_vcpu_events(e)
+            .map_err(err("setting pending events"))?;
+    }
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(err("setting the MP state"))
+}
+
+fn set_xsave(vcpu: &VcpuFd, id: u64, saved: &[u32], words: usize) -> Result<(), VmError> {
+    if saved.len() < 1024 || saved.len() > words {
+        return Err(VmError::RestoreXsave {
+            vcpu: id,
+            saved: saved.len() * 4,
+            kvm: words * 4,
+        });
+    }
+    let mut x = kvm_bindings::Xsave::new(words - 1024).map_err(|_| VmError::RestoreXsave {
+        vcpu: id,
+        saved: saved.len() * 4,
+        kvm: words * 4,
+    })?;
+    let (fixed, extra) = saved.split_at(1024);
+    // SAFETY: only the fixed 4 KiB region is written; the length field, which the wrapper's
+    // safety rests on, is left as `Xsave::new` set it.
+    unsafe { x.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(fixed);
+    x.as_mut_slice()[..extra.len()].copy_from_slice(extra);
+    // SAFETY: `x` holds `words` 32-bit words, at least the size KVM_CAP_XSAVE2 gave for this
+    // VM (and at least the 4 KiB of the legacy call), so KVM reads only inside it.
+    unsafe { vcpu.set_xsave2(&x) }.map_err(|source| VmError::VcpuState {
+        vcpu: id,
+        what: "setting the XSAVE area",
+        source,
+    })
+}
+
+/// The VM-level state: the interrupt controllers, the PIT and the clock.
+pub(crate) fn capture_vm(fd: &VmFd) -> Result<(Irqchip, kvm_pit_state2, kvm_clock_data), VmError> {
+    let chip = |chip_id| {
+        let mut c = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut c)
+            .map(|()| c)
+            .map_err(|e| VmError::Kvm("reading the interrupt controllers", e))
+    };
+    let irqchip = Irqchip {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+    };
+    let pit = fd
+        .get_pit2()
+        .map_err(|e| VmError::Kvm("reading the PIT", e))?;
+    let clock = fd
+        .get_clock()
+        .map_err(|e| VmError::Kvm("reading the KVM clock", e))?;
+    Ok((irqchip, pit, clock))
+}
+
+/// Applies the VM-level state to a new VM, before its vCPUs run.
+pub(crate) fn apply_vm(fd: &VmFd, s: &VmState) -> Result<(), VmError> {
+    let set_chip = |c: &kvm_irqchip, want: u32| {
+        // A saved chip says which it is; a hostile file must not move one onto another.
+        let mut c = *c;
+        c.chip_id = want;
+        fd.set_irqchip(&c)
+            .map_err(|e| VmError::Kvm("setting the interrupt controllers", e))
+    };
+    set_chip(&s.irqchip.pic_master, KVM_IRQCHIP_PIC_MASTER)?;
+    set_chip(&s.irqchip.pic_slave, KVM_IRQCHIP_PIC_SLAVE)?;
+    set_chip(&s.irqchip.ioapic, KVM_IRQCHIP_IOAPIC)?;
+    fd.set_pit2(&s.pit)
+        .map_err(|e| VmError::Kvm("setting the PIT", e))?;
+    // The clock's value only: the flags say how it was read (TSC-stable, with a realtime
+    // stamp), which setting it back must not take as a request.
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    fd.set_clock(&clock)
+        .map_err(|e| VmError::Kvm("setting the KVM clock", e))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use crate::devices::{IrqLine, PortAction, Ports};
 use crate::linux::{self, LinuxBoot, LinuxError};
 use crate::loader::{self, LoadError};
 use crate::replay::ReplayError;
+use crate::state::{self, Capture, DeviceState, VcpuState, VmState};
 use crate::x86;
 
 /// Why a VM could not be made or run.
@@ -58,6 +59,99 @@ pub enum VmError {
     /// a memory image could not be set up for the replay guest
     #[error("setting up the replay guest's memory image")]
     Replay(#[from] ReplayError),
+    /// [`Control::pause`] with no run under the control (not started, or over)
+    #[error("no VM is running under this control")]
+    NotRunning,
+    /// [`Control::pause`] while an earlier pause has not been resumed
+    #[error("the VM is already paused (resume or drop the first pause)")]
+    AlreadyPaused,
+    /// a pause whose vCPUs did not all park in time; the VM runs on
+    #[error(
+        "pausing timed out after {waited:?} with {parked} of {vcpus} vCPUs parked; the VM runs on"
+    )]
+    PauseTimeout {
+        /// how long the pause waited
+        waited: Duration,
+        /// vCPUs that had parked
+        parked: usize,
+        /// vCPUs in the VM
+        vcpus: usize,
+    },
+    /// the VM ended while it was being paused
+    #[error("the VM ended before all its vCPUs paused")]
+    PauseEnded,
+    /// KVM refused to read or set part of a vCPU's state
+    #[error("vCPU {vcpu}: KVM refused {what}")]
+    VcpuState {
+        /// which vCPU
+        vcpu: u64,
+        /// what was refused
+        what: &'static str,
+        /// KVM's error
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM's list of MSRs to save could not be read when the run started
+    #[error("cannot save MSRs: KVM's MSR index list could not be read at the start of the run")]
+    MsrList(#[source] kvm_ioctls::Error),
+    /// KVM read fewer MSRs than it read at the start of the run
+    #[error("vCPU {vcpu}: KVM read {read} of the {listed} MSRs it read at the start of the run")]
+    MsrsRead {
+        /// which vCPU
+        vcpu: u64,
+        /// MSRs read
+        read: usize,
+        /// MSRs asked for
+        listed: usize,
+    },
+    /// a saved state for a VM of another RAM size
+    #[error("the saved state is of a VM with {saved} bytes of RAM; this VM has {vm}")]
+    RestoreRam {
+        /// the state's RAM size
+        saved: u64,
+        /// this VM's
+        vm: u64,
+    },
+    /// a saved state with no vCPUs or too many
+    #[error("a saved state has 1 to {MAX_VCPUS} vCPUs, not {0}")]
+    RestoreVcpus(usize),
+    /// a saved vCPU out of place
+    #[error("saved vCPU {index} has id {id}; a state lists vCPUs 0 to N-1 in order")]
+    RestoreVcpuId {
+        /// its place in the state
+        index: usize,
+        /// the id it says it has
+        id: u64,
+    },
+    /// a saved CPUID KVM cannot take
+    #[error("saved vCPU {vcpu} has {entries} CPUID entries, more than KVM takes")]
+    RestoreCpuid {
+        /// which vCPU
+        vcpu: u64,
+        /// how many entries
+        entries: usize,
+    },
+    /// saved MSRs KVM cannot take in one call
+    #[error("saved vCPU {vcpu} has {count} MSRs, more than KVM takes")]
+    RestoreMsrs {
+        /// which vCPU
+        vcpu: u64,
+        /// how many MSRs
+        count: usize,
+    },
+    /// a saved XSAVE area of a size KVM does not take
+    #[error("saved vCPU {vcpu} has an XSAVE area of {saved} bytes; KVM here takes 4096 to {kvm}")]
+    RestoreXsave {
+        /// which vCPU
+        vcpu: u64,
+        /// the saved area's size
+        saved: usize,
+        /// the most KVM takes here
+        kvm: usize,
+    },
+    /// the saved serial port could not be rebuilt
+    #[error("restoring the serial port")]
+    RestoreSerial(#[source] vm_superio::serial::Error<std::io::Error>),
     /// the guest stopped in a way that is not an exit
     #[error("guest stopped: {what} (vCPU {vcpu}; {regs})")]
     Guest {
@@ -226,7 +320,55 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
-        self.run_vcpus(fds, console, input, control)
+        self.run_vcpus(fds, console, input, control, None)
+    }
+
+    /// Resumes a paused guest-kit VM on this (new) VM: the counterpart of
+    /// [`Vm::run_image_ctl`] for a [`VmState`] that [`Control::pause`] captured. Guest RAM is
+    /// the caller's: copied in before, or brought in lazily (userfaultfd) while the guest
+    /// runs. The state's RAM size must be this VM's and its vCPUs 1 to 16, numbered in
+    /// order. The VM-level state (PICs, IOAPIC, PIT, clock) is set first, then each vCPU's
+    /// (CPUID, special registers, registers, FPU, XSAVE, XCRs, debug registers, LAPIC, MSRs,
+    /// events, MP state), then the devices are rebuilt from theirs, and the vCPUs run as in
+    /// a fresh run until one ends the VM. [`Control::first_entry`] says when the first vCPU
+    /// entered the guest.
+    pub fn restore_image_ctl<W: Write + Send>(
+        &self,
+        state: &VmState,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+        control: Option<&Arc<Control>>,
+    ) -> Result<(Exit, W), VmError> {
+        if state.ram != self.ram {
+            return Err(VmError::RestoreRam {
+                saved: state.ram,
+                vm: self.ram,
+            });
+        }
+        let n = state.vcpus.len();
+        if !(1..=usize::from(MAX_VCPUS)).contains(&n) {
+            return Err(VmError::RestoreVcpus(n));
+        }
+        if let Some((index, v)) = state
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, v)| v.id != *i as u64)
+        {
+            return Err(VmError::RestoreVcpuId { index, id: v.id });
+        }
+        state::apply_vm(&self.fd, state)?;
+        let xsave_words = state::xsave_words(&self.fd);
+        let fds = state
+            .vcpus
+            .iter()
+            .map(|v| {
+                let vcpu = self.fd.create_vcpu(v.id).map_err(kvm("creating a vCPU"))?;
+                state::apply_vcpu(&vcpu, v, xsave_words)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<VcpuFd>, VmError>>()?;
+        self.run_vcpus(fds, console, input, control, Some(&state.devices))
     }
 
     /// Boots Linux (a bzImage or ELF vmlinux, an initrd, a command line) on `vcpus` vCPUs (1
@@ -284,7 +426,7 @@ impl Vm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<VcpuFd>, VmError>>()?;
-        self.run_vcpus(fds, console, input, control)
+        self.run_vcpus(fds, console, input, control, None)
     }
 
     /// The CPUID KVM can give a guest on this host.
@@ -295,28 +437,65 @@ impl Vm {
     }
 
     /// Runs `fds`, each on a thread, until one ends the VM (or `control` aborts it), then
-    /// stops the rest.
+    /// stops the rest. `devices` is a restored VM's saved device state; without it the
+    /// devices start fresh.
     fn run_vcpus<W: Write + Send>(
         &self,
         fds: Vec<VcpuFd>,
         console: W,
         input: Option<BorrowedFd<'_>>,
         control: Option<&Arc<Control>>,
+        devices: Option<&DeviceState>,
     ) -> Result<(Exit, W), VmError> {
         register_kick_signal();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::SerialIrq)?;
         self.fd
             .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(kvm("wiring the serial IRQ"))?;
+        let result = self.run_wired(fds, console, input, control, devices, &irq);
+        // The VM is over; a failure to unwire is harmless (the VM's fd closes with it).
+        let _ = self.fd.unregister_irqfd(&irq, SERIAL_IRQ);
+        result
+    }
+
+    /// [`Vm::run_vcpus`] once the serial interrupt is wired to `irq`.
+    fn run_wired<W: Write + Send>(
+        &self,
+        fds: Vec<VcpuFd>,
+        console: W,
+        input: Option<BorrowedFd<'_>>,
+        control: Option<&Arc<Control>>,
+        devices: Option<&DeviceState>,
+        irq: &EventFd,
+    ) -> Result<(Exit, W), VmError> {
         let line = IrqLine::new(Some(irq.try_clone().map_err(VmError::SerialIrq)?));
-        let ports = Mutex::new(Ports::new(console, line));
+        let (ports, started) = match devices {
+            None => (Ports::new(console, line), Instant::now()),
+            Some(d) => {
+                let ports = Ports::from_state(console, line, d).map_err(VmError::RestoreSerial)?;
+                // The clock port goes on from where the paused run's was.
+                let now = Instant::now();
+                let started = now
+                    .checked_sub(Duration::from_micros(d.clock_us))
+                    .unwrap_or(now);
+                (ports, started)
+            }
+        };
+        let ports = Mutex::new(ports);
+        let capture = match fds.first() {
+            Some(vcpu) => Capture::probe(&self.kvm, &self.fd, vcpu),
+            None => return Err(VmError::Vcpus(0)),
+        };
         let stop = Arc::new(Stop::new(fds.len()));
         let control = control.map_or_else(|| Arc::new(Control::new()), Arc::clone);
         control.attach(&stop);
         let run = Run {
             stop: &stop,
             control: &control,
-            started: Instant::now(),
+            started,
+            vm: &self.fd,
+            ram: self.ram,
+            capture: &capture,
         };
         std::thread::scope(|s| {
             if let Some(fd) = input {
@@ -344,8 +523,6 @@ impl Vm {
             stop.kick_until_all_left();
         });
         control.detach();
-        // The VM is over; a failure to unwire is harmless (the VM's fd closes with it).
-        let _ = self.fd.unregister_irqfd(&irq, SERIAL_IRQ);
         let exit = stop.outcome()?;
         let ports = ports
             .into_inner()
@@ -504,6 +681,7 @@ fn register_kick_signal() {
 
 /// How the vCPU threads of one run agree to stop: the first to end the VM records how, and
 /// the others are kicked out of KVM_RUN (and out of pacing sleeps) until they have all left.
+/// It also pauses them: see [`Stop::pause`].
 pub(crate) struct Stop {
     /// Each vCPU thread's state; only a running one is ever signalled (never one that may
     /// have exited).
@@ -511,15 +689,41 @@ pub(crate) struct Stop {
     ended: Mutex<Option<Result<Exit, VmError>>>,
     flag: AtomicBool,
     changed: Condvar,
-    /// Pacing sleeps wait here, so that stopping the VM wakes them.
-    pause: Mutex<()>,
+    /// Pacing sleeps wait here, so that stopping or pausing the VM wakes them.
+    sleepers: Mutex<()>,
     woken: Condvar,
+    /// Set while a pause is asked for: each vCPU completes its pending I/O, captures its
+    /// state and parks.
+    pausing: AtomicBool,
+    park: Mutex<Park>,
+    /// Parked vCPUs wait here to be resumed, the pausing thread for them to park.
+    parked: Condvar,
+}
+
+/// One pause's books, under [`Stop::park`].
+#[derive(Debug)]
+struct Park {
+    /// A pause is asked for and not resumed or given up.
+    requested: bool,
+    /// The number of the latest pause; vCPUs parked for pause `e` go on once `resumed >= e`.
+    epoch: u64,
+    resumed: u64,
+    /// Which vCPUs have parked for this pause, and how many.
+    is_parked: Vec<bool>,
+    parked: usize,
+    /// Each parked vCPU's captured state, until the last to park gathers them.
+    states: Vec<Option<Result<VcpuState, VmError>>>,
+    /// The whole state, once the last vCPU has parked and captured the VM's.
+    done: Option<Result<VmState, VmError>>,
+    /// When the latest pause was asked for.
+    asked: Option<Instant>,
 }
 
 impl std::fmt::Debug for Stop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stop")
             .field("stopping", &self.stopping())
+            .field("pausing", &self.pausing())
             .finish_non_exhaustive()
     }
 }
@@ -538,13 +742,29 @@ impl Stop {
             ended: Mutex::new(None),
             flag: AtomicBool::new(false),
             changed: Condvar::new(),
-            pause: Mutex::new(()),
+            sleepers: Mutex::new(()),
             woken: Condvar::new(),
+            pausing: AtomicBool::new(false),
+            park: Mutex::new(Park {
+                requested: false,
+                epoch: 0,
+                resumed: 0,
+                is_parked: vec![false; n],
+                parked: 0,
+                states: (0..n).map(|_| None).collect(),
+                done: None,
+                asked: None,
+            }),
+            parked: Condvar::new(),
         }
     }
 
     fn stopping(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn pausing(&self) -> bool {
+        self.pausing.load(Ordering::SeqCst)
     }
 
     fn enter(&self, i: usize) {
@@ -563,29 +783,34 @@ impl Stop {
         }
         {
             let _threads = lock(&self.threads);
-            self.flag.store(true, Ordering::Release);
+            self.flag.store(true, Ordering::SeqCst);
             self.changed.notify_all();
         }
         self.wake_sleepers();
     }
 
-    /// Wakes the vCPUs in a pacing sleep, once the flag is set: a sleeper checks the flag
-    /// under `pause`, so taking it here means none can miss the news.
+    /// Wakes the vCPUs in a pacing sleep or parked, and a thread waiting for them to park,
+    /// once the stop or pause flag is set: each checks the flags under its lock, so taking
+    /// the locks here means none can miss the news.
     fn wake_sleepers(&self) {
-        drop(lock(&self.pause));
+        drop(lock(&self.sleepers));
         self.woken.notify_all();
+        drop(lock(&self.park));
+        self.parked.notify_all();
     }
 
-    /// Sleeps `d`, or less if the VM stops meanwhile.
-    fn sleep(&self, d: Duration) {
+    /// Sleeps `d`, or less if the VM stops or is paused meanwhile; returns what is left of
+    /// it (zero when it is over or the VM stops).
+    fn sleep(&self, d: Duration) -> Duration {
         let deadline = Instant::now() + d;
-        let mut guard = lock(&self.pause);
-        while !self.stopping() {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            if left.is_zero() {
-                break;
+        let mut guard = lock(&self.sleepers);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopping() {
+                return Duration::ZERO;
+            }
+            if self.pausing() {
+                return left;
             }
             guard = self
                 .woken
@@ -607,10 +832,24 @@ impl Stop {
         {
             let mut threads = lock(&self.threads);
             threads[i] = Thread::Left;
-            self.flag.store(true, Ordering::Release);
+            self.flag.store(true, Ordering::SeqCst);
             self.changed.notify_all();
         }
         self.wake_sleepers();
+    }
+
+    /// Signals each running vCPU thread for which `want` holds.
+    fn kick(&self, threads: &[Thread], want: impl Fn(usize) -> bool) {
+        for (i, t) in threads.iter().enumerate() {
+            if let Thread::Running(t) = t
+                && want(i)
+            {
+                // SAFETY: the thread is alive: it marks itself Left, under the lock that the
+                // caller holds, before it exits; the signal has a handler, which only sets
+                // the thread's immediate_exit, so it interrupts nothing but KVM_RUN.
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+        }
     }
 
     /// Waits for the first vCPU to end the VM, then signals the others until all have left.
@@ -624,20 +863,13 @@ impl Stop {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             }
-            for t in threads.iter() {
-                if let Thread::Running(t) = t {
-                    // SAFETY: the thread is alive: it marks itself Left, under this lock,
-                    // before it exits; the signal has a handler, which only sets the thread's
-                    // immediate_exit, so it interrupts nothing but KVM_RUN.
-                    unsafe { libc::pthread_kill(*t, kick_signal()) };
-                }
-            }
+            self.kick(&threads, |_| true);
             // A thread between its checks and KVM_RUN returns at once (its immediate_exit
             // is set); one busy elsewhere (a port write, a sleep) sees the flag when done.
             // Kick again after a moment all the same.
             threads = self
                 .changed
-                .wait_timeout(threads, std::time::Duration::from_millis(1))
+                .wait_timeout(threads, Duration::from_millis(1))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
@@ -646,8 +878,136 @@ impl Stop {
     fn outcome(&self) -> Result<Exit, VmError> {
         lock(&self.ended).take().unwrap_or(Ok(Exit::Halt))
     }
-}
 
+    /// Pauses the VM: every vCPU leaves KVM_RUN (kicked, or woken from a pacing sleep),
+    /// completes the I/O it exited for (one KVM_RUN with immediate_exit set), captures its
+    /// own state and parks; the last to park captures the VM's and the devices'. Returns the
+    /// whole state once all have parked, and the pause's number for [`Stop::resume`]. On a
+    /// timeout, a failed capture or the VM's end the pause is given up (the vCPUs go on) and
+    /// the error returned.
+    pub(crate) fn pause(&self, timeout: Duration) -> Result<(VmState, u64), VmError> {
+        let t0 = Instant::now();
+        let deadline = t0 + timeout;
+        let n = {
+            let mut p = lock(&self.park);
+            if p.requested {
+                return Err(VmError::AlreadyPaused);
+            }
+            if self.stopping() {
+                return Err(VmError::NotRunning);
+            }
+            p.requested = true;
+            p.epoch += 1;
+            p.parked = 0;
+            p.done = None;
+            p.asked = Some(t0);
+            p.is_parked.fill(false);
+            p.states.iter_mut().for_each(|v| *v = None);
+            self.pausing.store(true, Ordering::SeqCst);
+            p.is_parked.len()
+        };
+        self.wake_sleepers();
+        let mut seen = vec![false; n];
+        loop {
+            self.kick(&lock(&self.threads), |i| !seen[i]);
+            let mut p = lock(&self.park);
+            // Wait for the vCPUs; kick the missing ones again every millisecond.
+            let until = deadline.min(Instant::now() + Duration::from_millis(1));
+            while p.done.is_none() && !self.stopping() {
+                let Some(left) = until.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                p = self
+                    .parked
+                    .wait_timeout(p, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            if let Some(done) = p.done.take() {
+                if done.is_err() {
+                    self.give_up(&mut p);
+                }
+                return done.map(|s| (s, p.epoch));
+            }
+            if self.stopping() {
+                self.give_up(&mut p);
+                return Err(VmError::PauseEnded);
+            }
+            if Instant::now() >= deadline {
+                let parked = p.parked;
+                self.give_up(&mut p);
+                return Err(VmError::PauseTimeout {
+                    waited: t0.elapsed(),
+                    parked,
+                    vcpus: n,
+                });
+            }
+            seen.copy_from_slice(&p.is_parked);
+        }
+    }
+
+    /// Ends pause `epoch`, if it is still in force: the parked vCPUs go on.
+    pub(crate) fn resume(&self, epoch: u64) {
+        let mut p = lock(&self.park);
+        if p.requested && p.epoch == epoch {
+            self.give_up(&mut p);
+        }
+    }
+
+    fn give_up(&self, p: &mut Park) {
+        if p.requested {
+            p.requested = false;
+            p.resumed = p.epoch;
+            p.done = None;
+            p.states.iter_mut().for_each(|v| *v = None);
+        }
+        self.pausing.store(false, Ordering::SeqCst);
+        self.parked.notify_all();
+    }
+
+    /// A vCPU thread parks for the pause asked for, with its captured state; `vm` captures
+    /// the VM's state (called by the last vCPU to park). Returns once the pause is resumed or
+    /// given up, or the VM stops, with the time the pause was asked for (None if the vCPU
+    /// did not park: no pause in force).
+    fn park_vcpu(
+        &self,
+        i: usize,
+        state: Result<VcpuState, VmError>,
+        vm: impl FnOnce(Vec<VcpuState>) -> Result<VmState, VmError>,
+    ) -> Option<Instant> {
+        let mut p = lock(&self.park);
+        if !p.requested || p.is_parked[i] {
+            return None;
+        }
+        let (epoch, asked) = (p.epoch, p.asked);
+        p.states[i] = Some(state);
+        p.is_parked[i] = true;
+        p.parked += 1;
+        if p.parked == p.is_parked.len() {
+            // The last to park: gather the vCPUs' states and capture the VM's, outside the
+            // lock (that takes the devices' lock).
+            let vcpus: Result<Vec<VcpuState>, VmError> = p
+                .states
+                .iter_mut()
+                .map(|v| v.take().unwrap_or(Err(VmError::PauseEnded)))
+                .collect();
+            drop(p);
+            let done = vcpus.and_then(vm);
+            p = lock(&self.park);
+            if p.requested && p.epoch == epoch {
+                p.done = Some(done);
+                self.parked.notify_all();
+            }
+        }
+        while p.resumed < epoch && !self.stopping() {
+            p = self
+                .parked
+                .wait(p)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        asked
+    }
+}
 fn regs(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
@@ -677,9 +1037,27 @@ struct Run<'a> {
     control: &'a Control,
     /// When the run started: the clock port counts from here.
     started: Instant,
+    /// The VM, for the VM-level state a pause captures.
+    vm: &'a VmFd,
+    /// Guest RAM's size, for the captured state.
+    ram: u64,
+    /// What to capture of each vCPU.
+    capture: &'a Capture,
+}
+
+/// A pacing sleep under way: what the guest asked for, what is left, what it took so far.
+struct Pacing {
+    asked: Duration,
+    left: Duration,
+    slept: Duration,
 }
 
 /// Runs one vCPU until it ends the VM (`Some`) or is stopped because another did (`None`).
+///
+/// A pause is served here, between KVM_RUNs: once it is asked for, the next KVM_RUN runs with
+/// `immediate_exit` set, so KVM completes the I/O the vCPU last exited for (the instruction
+/// is only finished by the next KVM_RUN) and returns EINTR without running the guest; after
+/// an EINTR, and only then, the vCPU's state is whole, and the thread captures it and parks.
 fn run_vcpu<W: Write>(
     vcpu: &mut VcpuFd,
     id: u64,
@@ -687,15 +1065,34 @@ fn run_vcpu<W: Write>(
     run: &Run<'_>,
 ) -> Option<Result<Exit, VmError>> {
     let _kick = ImmediateExit::arm(vcpu);
-    let ports = || lock(ports);
+    let lock_ports = || lock(ports);
+    let mut pacing: Option<Pacing> = None;
     run.control.entering();
     loop {
         if run.stop.stopping() {
             return None;
         }
+        if let Some(p) = pacing.as_mut()
+            && !run.stop.pausing()
+        {
+            let t = Instant::now();
+            p.left = run.stop.sleep(p.left);
+            p.slept += t.elapsed();
+            if p.left.is_zero() {
+                run.control.count_sleep(p.asked, p.slept);
+                pacing = None;
+            }
+            continue;
+        }
+        if run.stop.pausing() {
+            set_immediate_exit(1);
+        }
         let what = match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR => {
                 set_immediate_exit(0);
+                if run.stop.pausing() {
+                    park(vcpu, id, ports, run);
+                }
                 continue;
             }
             Err(e) if e.errno() == libc::EAGAIN => continue,
@@ -705,9 +1102,11 @@ fn run_vcpu<W: Write>(
             Ok(VcpuExit::IoOut(control::PACE_PORT, data)) => {
                 let d = control::pace(data);
                 if !d.is_zero() {
-                    let t = Instant::now();
-                    run.stop.sleep(d);
-                    run.control.count_sleep(d, t.elapsed());
+                    pacing = Some(Pacing {
+                        asked: d,
+                        left: d,
+                        slept: Duration::ZERO,
+                    });
                 }
                 continue;
             }
@@ -723,13 +1122,13 @@ fn run_vcpu<W: Write>(
                 control::port_answer(data, control::clock(run.started.elapsed()));
                 continue;
             }
-            Ok(VcpuExit::IoOut(port, data)) => match ports().write(port, data) {
+            Ok(VcpuExit::IoOut(port, data)) => match lock_ports().write(port, data) {
                 PortAction::None => continue,
                 PortAction::Exit(status) => return Some(Ok(Exit::Status(status))),
                 PortAction::Reset => return Some(Ok(Exit::Reset)),
             },
             Ok(VcpuExit::IoIn(port, data)) => {
-                ports().read(port, data);
+                lock_ports().read(port, data);
                 continue;
             }
             // No MMIO device yet: writes go nowhere, reads float high.
@@ -753,5 +1152,28 @@ fn run_vcpu<W: Write>(
             vcpu: id,
             regs: regs(vcpu),
         }));
+    }
+}
+
+/// Captures this vCPU's state (its last KVM_RUN returned EINTR, so it is whole) and parks the
+/// thread until the pause is over; the last vCPU to park also captures the VM's state.
+fn park<W: Write>(vcpu: &VcpuFd, id: u64, ports: &Mutex<Ports<W>>, run: &Run<'_>) {
+    let state = state::capture_vcpu(vcpu, id, run.capture);
+    let i = usize::try_from(id).expect("a vCPU index");
+    let asked = run.stop.park_vcpu(i, state, |vcpus| {
+        let (irqchip, pit, clock) = state::capture_vm(run.vm)?;
+        let mut devices = lock(ports).state();
+        devices.clock_us = u64::try_from(run.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok(VmState {
+            ram: run.ram,
+            vcpus,
+            irqchip,
+            pit,
+            clock,
+            devices,
+        })
+    });
+    if let Some(asked) = asked {
+        run.control.count_park(asked.elapsed());
     }
 }
