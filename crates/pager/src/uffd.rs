@@ -257,10 +257,13 @@ impl Uffd {
     pub fn from_fd(fd: OwnedFd) -> Result<Uffd, UffdError> {
         // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if flags < 0
-            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-        {
+        let set = if flags < 0 {
+            -1
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
+        };
+        if set < 0 {
             return Err(UffdError::Ioctl {
                 op: "fcntl O_NONBLOCK",
                 source: last_error(),
