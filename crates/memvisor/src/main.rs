@@ -6,12 +6,14 @@ mod alloc;
 mod analyze;
 mod bench;
 mod bench_memory;
+mod bench_snapshot;
 mod demo;
 mod images;
 mod input;
 mod memimages;
 mod memory;
 mod nested;
+mod snap;
 mod tmem_cmd;
 mod zram;
 
@@ -106,9 +108,10 @@ enum Cmd {
         /// idle longest first.
         #[arg(long)]
         target: Option<String>,
-        /// Pager: where to serve live stats (default /run/memvisor/PID.sock).
-        #[arg(long)]
-        stats_socket: Option<std::path::PathBuf>,
+        /// Where the VM answers `memvisor stats` and `memvisor snapshot take` (default
+        /// /run/memvisor/PID.sock).
+        #[arg(long, alias = "stats-socket")]
+        control_socket: Option<std::path::PathBuf>,
         /// For Linux: a command that the busybox initramfs runs in place of a shell (it goes
         /// after `--` on the kernel command line); its status becomes memvisor's.
         #[arg(last = true)]
@@ -161,6 +164,51 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Snapshots of running VMs and the store that keeps them (docs/snapshots.md).
+    Snapshot {
+        #[command(subcommand)]
+        what: SnapshotCmd,
+    },
+    /// Starts a VM from a snapshot at once, its memory served lazily from the store.
+    Restore {
+        /// The snapshot.
+        name: String,
+        /// The snapshot store (default $MEMVISOR_STORE, or /var/lib/memvisor/snapshots).
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Take memory from this page server (`memvisor page-server`, Firecracker's
+        /// handshake) instead of a page-server thread of this process.
+        #[arg(long)]
+        page_server: Option<std::path::PathBuf>,
+        /// Where the restored VM answers requests (default /run/memvisor/PID.sock).
+        #[arg(long)]
+        control_socket: Option<std::path::PathBuf>,
+    },
+    /// A new snapshot that shares every page of another, in O(1).
+    Clone {
+        /// The snapshot to clone.
+        from: String,
+        /// The new snapshot's name.
+        new: String,
+        /// The snapshot store (default $MEMVISOR_STORE, or /var/lib/memvisor/snapshots).
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+    },
+    /// Serves a snapshot's memory to VMMs that speak Firecracker's userfaultfd handshake
+    /// (memvisor restore --page-server, Firecracker's Uffd memory backend).
+    PageServer {
+        /// The snapshot.
+        name: String,
+        /// The Unix socket to listen on.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// The snapshot store (default $MEMVISOR_STORE, or /var/lib/memvisor/snapshots).
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Exit when the first VM served ends.
+        #[arg(long)]
+        once: bool,
+    },
     /// The main job, nothing to configure: four guests replaying real Linux memory under
     /// memvisor's pager, live; then real programs' memory analyzed and benchmarked.
     Demo {
@@ -170,6 +218,68 @@ enum Cmd {
         /// Seconds the guests run.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Snapshots a running VM (started with `memvisor run`), live: the guest pauses only to
+    /// save its vCPUs and arm write protection.
+    Take {
+        /// The snapshot's name.
+        name: String,
+        /// The VM: its pid or control socket; by default the only one running.
+        #[arg(long)]
+        vm: Option<String>,
+        /// The snapshot store (default $MEMVISOR_STORE, or /var/lib/memvisor/snapshots).
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Pause the VM for the whole copy (the plain pause-and-copy snapshot).
+        #[arg(long)]
+        paused: bool,
+        /// Also take a pause-and-copy snapshot of the same instant under this name, to check
+        /// the live one against (it lengthens the pause by a full copy).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists snapshots: logical size, and the bytes only each holds.
+    Ls {
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bytes the store takes on disk, by the form pages are kept in.
+    Du {
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a snapshot (its pages go at the next gc).
+    Rm {
+        /// The snapshot.
+        name: String,
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+        /// Collect its pages now.
+        #[arg(long)]
+        gc: bool,
+    },
+    /// Frees the pages no snapshot holds; safe against a crash at any point.
+    Gc {
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
+    },
+    /// Checks that every page of every snapshot reads back to its content address.
+    Fsck {
+        #[arg(long)]
+        store: Option<std::path::PathBuf>,
     },
 }
 
@@ -290,6 +400,35 @@ enum BenchCmd {
         /// Inputs as for analyze; by default this machine's own processes.
         #[arg(value_name = "INPUT")]
         inputs: Vec<String>,
+    },
+    /// Live snapshots of guests replaying real memory images: store bytes against flat
+    /// memory files and those files under zstd, guest pause, restore time and fault latency;
+    /// and a 1 GiB memtest guest snapshotted mid-run and restored.
+    Snapshot {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Snapshots (one guest each).
+        #[arg(long, default_value_t = 10)]
+        guests: usize,
+        /// Image set: homogeneous (four boots of one workload) or mixed.
+        #[arg(long, default_value = "homogeneous")]
+        set: String,
+        /// Seconds each guest runs before its snapshot.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Restores timed.
+        #[arg(long, default_value_t = 3)]
+        restores: usize,
+        /// RAM of the memtest guest (0 skips it).
+        #[arg(long, default_value = "1G")]
+        big: String,
+        /// zstd level of the baseline (3 is the zstd tool's default).
+        #[arg(long, default_value_t = 3)]
+        zstd_level: i32,
+        /// Working directory (made fresh, removed after).
+        #[arg(long, default_value = "/var/tmp/memvisor-bench-snapshot")]
+        dir: std::path::PathBuf,
     },
     /// The page store on real pages: classify, insert and read per class, against memcpy and
     /// lz4_flex; footprint against sharing only and LZ4 only; the delta codecs compared.
@@ -480,6 +619,138 @@ fn kernel_cmdline(
     Ok(line)
 }
 
+/// `memvisor snapshot ...`.
+fn run_snapshot(what: SnapshotCmd) -> Result<()> {
+    let store_of = |s: Option<std::path::PathBuf>| s.unwrap_or_else(snap::default_store);
+    match what {
+        SnapshotCmd::Take {
+            name,
+            vm,
+            store,
+            paused,
+            reference,
+            json,
+        } => {
+            let store = store_of(store);
+            std::fs::create_dir_all(&store)
+                .with_context(|| format!("creating the snapshot store {}", store.display()))?;
+            // The VM opens the store itself: give it a path that means the same there.
+            let store = std::fs::canonicalize(&store)?;
+            let req = snap::TakeRequest {
+                store,
+                name,
+                paused,
+                reference,
+            };
+            let mut v = serde_json::to_value(&req)?;
+            v["op"] = "snapshot".into();
+            let answer = snap::request(vm.as_deref(), &v)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let r: snap::TakeReport = serde_json::from_value(answer)?;
+                println!("{}", snap::describe_take(&r));
+            }
+        }
+        SnapshotCmd::Ls { store, json } => {
+            let list = snap::open_store(&store_of(store))?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", snap::render_list(&list));
+            }
+        }
+        SnapshotCmd::Du { store, json } => {
+            let du = snap::open_store(&store_of(store))?.du()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+            } else {
+                print!("{}", snap::render_du(&du));
+            }
+        }
+        SnapshotCmd::Rm { name, store, gc } => {
+            let s = snap::open_store(&store_of(store))?;
+            s.remove(&name)?;
+            println!("removed {name}");
+            if gc {
+                println!("{}", snap::describe_gc(&s.gc()?));
+            }
+        }
+        SnapshotCmd::Gc { store } => {
+            println!(
+                "{}",
+                snap::describe_gc(&snap::open_store(&store_of(store))?.gc()?)
+            );
+        }
+        SnapshotCmd::Fsck { store } => {
+            let r = snap::open_store(&store_of(store))?.fsck()?;
+            println!("{}", snap::describe_fsck(&r));
+            if !r.is_clean() {
+                bail!("the snapshot store has problems (listed above)");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `memvisor restore`: returns the guest's exit status.
+fn run_restore(
+    store: &std::path::Path,
+    name: &str,
+    page_server: Option<&std::path::Path>,
+    socket: Option<std::path::PathBuf>,
+) -> Result<u8> {
+    let control = std::sync::Arc::new(vmm::Control::new());
+    let source = match page_server {
+        Some(p) => snap::PageServer::Socket(p),
+        None => snap::PageServer::InProcess,
+    };
+    let path =
+        socket.unwrap_or_else(|| memory::socket_dir().join(format!("{}.sock", std::process::id())));
+    let (exit, _, report) = snap::restore(
+        store,
+        name,
+        &source,
+        std::io::stdout(),
+        &control,
+        Some(&path),
+    )?;
+    eprintln!("memvisor: {}", snap::describe_restore(&report));
+    eprintln!("memvisor: restored guest {name}: {exit:?}");
+    Ok(match exit {
+        vmm::Exit::Status(s) => s,
+        vmm::Exit::Reset | vmm::Exit::Halt | vmm::Exit::Quit => 0,
+        vmm::Exit::Panic => bail!("the guest kernel panicked (its console above says why)"),
+    })
+}
+
+/// A running VM's answer to one control-socket request.
+pub(crate) fn control_answer(
+    req: &serde_json::Value,
+    vm: &snap::VmHandle,
+    pager: Option<&pager::Pager>,
+) -> serde_json::Value {
+    let err = |e: String| serde_json::json!({ "error": e });
+    match req.get("op").and_then(serde_json::Value::as_str) {
+        Some("stats") => match pager {
+            Some(pg) => serde_json::to_value(pg.stats()).unwrap_or_default(),
+            None => err(
+                "this VM runs without a pager (--policy none or ksm): it has no \
+                         memory stats; start it with --policy full"
+                    .into(),
+            ),
+        },
+        Some("snapshot") => match serde_json::from_value::<snap::TakeRequest>(req.clone()) {
+            Ok(r) => match snap::take(vm, &r) {
+                Ok(rep) => serde_json::to_value(rep).unwrap_or_default(),
+                Err(e) => err(format!("{e:#}")),
+            },
+            Err(e) => err(format!("bad snapshot request: {e}")),
+        },
+        _ => err("unknown request (this memvisor answers stats and snapshot)".into()),
+    }
+}
+
 /// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
 /// `memvisor run`'s memory policy options.
 struct MemoryArgs {
@@ -520,7 +791,6 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         _ => None,
     };
     let mut pager = None;
-    let mut _stats_server = None;
     if let memory::Policy::Pager(mode) = mem.policy {
         memory::no_huge_pages(ram, ram_len);
         let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
@@ -529,21 +799,36 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         let pg = std::sync::Arc::new(pg);
         let c = std::sync::Arc::clone(&control);
         pg.on_failure(move |why| c.abort(format!("the pager's fault service failed: {why}")));
-        let path = mem
-            .socket
-            .clone()
-            .unwrap_or_else(|| memory::socket_dir().join(format!("{}.sock", std::process::id())));
-        let for_socket = std::sync::Arc::clone(&pg);
-        _stats_server = Some(memory::StatsServer::start(&path, move || {
-            serde_json::to_value(for_socket.stats()).unwrap_or_default()
-        })?);
+        pager = Some((pg, regions));
+    }
+    // Every VM answers on its control socket: stats (with a pager) and snapshots.
+    let path = mem
+        .socket
+        .clone()
+        .unwrap_or_else(|| memory::socket_dir().join(format!("{}.sock", std::process::id())));
+    let handle = snap::VmHandle {
+        ram,
+        len: ram_len,
+        control: std::sync::Arc::clone(&control),
+        busy: pager.is_some().then(|| {
+            format!(
+                "it runs under the pager (--policy {}), which owns guest RAM's userfaultfd; \
+                 snapshots need --policy none or ksm",
+                mem.policy.name()
+            )
+        }),
+    };
+    let for_socket = pager.as_ref().map(|(pg, _)| std::sync::Arc::clone(pg));
+    let _control_server = memory::ControlServer::start(&path, move |req| {
+        control_answer(req, &handle, for_socket.as_deref())
+    })?;
+    if pager.is_some() {
         eprintln!(
             "memvisor: pager {} on {} MiB of guest RAM; live stats: memvisor stats {}",
             mem.policy.name(),
             ram_len >> 20,
             path.display()
         );
-        pager = Some((pg, regions));
     }
     let stdin = std::io::stdin();
     // A terminal is put in raw mode, so keys reach the guest as typed, and restored after.
@@ -564,7 +849,7 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         }
     };
     drop(_raw);
-    drop(_stats_server);
+    drop(_control_server);
     if let Some((pg, regions)) = &pager {
         eprint!("memvisor: memory at exit\n{}", memory::render(&pg.stats()));
         for r in regions {
@@ -619,6 +904,48 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", bench::render(&s));
+            }
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Snapshot {
+                    json,
+                    guests,
+                    set,
+                    warmup,
+                    restores,
+                    big,
+                    zstd_level,
+                    dir,
+                },
+        } => {
+            let set = match set.as_str() {
+                "homogeneous" => ImageSet::Homogeneous,
+                "mixed" => ImageSet::Mixed,
+                s => bail!("--set {s}: choose homogeneous or mixed"),
+            };
+            if guests == 0 || !(0.1..=60.0).contains(&warmup) {
+                bail!("--guests must be at least 1 and --warmup 0.1 to 60 seconds");
+            }
+            let b = bench_snapshot::Bench {
+                guests,
+                set,
+                warmup: std::time::Duration::from_secs_f64(warmup),
+                run_after: std::time::Duration::from_secs(1),
+                restores,
+                big_ram: parse_size(&big)?,
+                zstd_level,
+                dir,
+            };
+            let r = bench_snapshot::run(&b, &mut |line| {
+                if !json {
+                    eprintln!("{line}");
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", bench_snapshot::table(&b, &r));
             }
         }
         Cmd::Bench {
@@ -780,7 +1107,7 @@ fn run(cli: Cli) -> Result<()> {
             cold,
             cpu_budget,
             target,
-            stats_socket,
+            control_socket,
         } => {
             let linux_boot = |kernel, initrd| -> Result<Boot> {
                 Ok(Boot::Linux(vmm::LinuxBoot {
@@ -809,10 +1136,39 @@ fn run(cli: Cli) -> Result<()> {
                 cold,
                 cpu_budget,
                 target: target.as_deref().map(parse_size).transpose()?,
-                socket: stats_socket,
+                socket: control_socket,
             };
             let status = run_guest(&memory, vcpus, &boot, &mem)?;
             std::process::exit(i32::from(status));
+        }
+        Cmd::Snapshot { what } => run_snapshot(what)?,
+        Cmd::Restore {
+            name,
+            store,
+            page_server,
+            control_socket,
+        } => {
+            let store = store.unwrap_or_else(snap::default_store);
+            let status = run_restore(&store, &name, page_server.as_deref(), control_socket)?;
+            std::process::exit(i32::from(status));
+        }
+        Cmd::Clone { from, new, store } => {
+            let store = store.unwrap_or_else(snap::default_store);
+            let t = std::time::Instant::now();
+            snap::open_store(&store)?.clone_snapshot(&from, &new)?;
+            println!(
+                "{new}: a clone of {from}, sharing all its pages ({:.2} ms)",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Cmd::PageServer {
+            name,
+            socket,
+            store,
+            once,
+        } => {
+            let store = store.unwrap_or_else(snap::default_store);
+            snap::page_server(&store, &name, &socket, once)?;
         }
         Cmd::Stats { json, target } => {
             let v = memory::fetch_stats(target.as_deref())?;

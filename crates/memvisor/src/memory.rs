@@ -230,44 +230,46 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Serves the pager's stats as JSON to each connection on `path`, until the guard drops.
-pub struct StatsServer {
+/// A running VM's control socket: each connection sends one request, a line of JSON such as
+/// `{"op":"stats"}` or `{"op":"snapshot",...}`, and gets one JSON answer (an object with
+/// `"error"` when the request failed). Requests are served one at a time, until the guard
+/// drops.
+pub struct ControlServer {
     path: PathBuf,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl StatsServer {
-    /// Listens on `path` (made fresh) and answers with `stats()` as JSON.
+/// The longest request line taken.
+const MAX_REQUEST: u64 = 64 << 10;
+
+impl ControlServer {
+    /// Listens on `path` (made fresh) and answers each request with `handle(request)`.
     pub fn start(
         path: &Path,
-        stats: impl Fn() -> serde_json::Value + Send + 'static,
-    ) -> Result<StatsServer> {
+        handle: impl Fn(&serde_json::Value) -> serde_json::Value + Send + 'static,
+    ) -> Result<ControlServer> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {} for the stats socket", dir.display()))?;
+                .with_context(|| format!("creating {} for the control socket", dir.display()))?;
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
-            .with_context(|| format!("listening on {} for memvisor stats", path.display()))?;
+            .with_context(|| format!("listening on {} for memvisor requests", path.display()))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
-            .name("stats-socket".into())
+            .name("control-socket".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                            let body = serde_json::to_vec(&stats()).unwrap_or_default();
-                            let _ = s.write_all(&body);
-                        }
+                        Ok((s, _)) => serve_request(s, &handle),
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
             })?;
-        Ok(StatsServer {
+        Ok(ControlServer {
             path: path.to_owned(),
             stop,
             thread: Some(thread),
@@ -275,7 +277,26 @@ impl StatsServer {
     }
 }
 
-impl Drop for StatsServer {
+/// One request: a line of JSON in, one JSON answer out. A client that sends nothing within
+/// a second, or garbage, gets an error answer; nothing it sends can stop the server.
+fn serve_request(mut s: UnixStream, handle: &impl Fn(&serde_json::Value) -> serde_json::Value) {
+    use std::io::BufRead;
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    let read = std::io::BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line);
+    let answer = match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<serde_json::Value>(&line).map_err(|e| e.to_string()))
+    {
+        Ok(req) => handle(&req),
+        Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+    };
+    let _ = s.write_all(&serde_json::to_vec(&answer).unwrap_or_default());
+}
+
+impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -285,9 +306,9 @@ impl Drop for StatsServer {
     }
 }
 
-/// Reads a running VM's stats: from a socket path, a pid, or the only VM running.
-pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
-    let path = match target {
+/// The control socket of a running VM: a socket path, a pid, or the only VM running.
+fn control_socket(target: Option<&str>) -> Result<PathBuf> {
+    Ok(match target {
         Some(t) if t.chars().all(|c| c.is_ascii_digit()) => socket_dir().join(format!("{t}.sock")),
         Some(t) => PathBuf::from(t),
         None => {
@@ -302,13 +323,13 @@ pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
                 .unwrap_or_default();
             match socks.len() {
                 0 => bail!(
-                    "no running memvisor VM has a stats socket in {} (start one with \
-                     `memvisor run --policy full ...`)",
+                    "no running memvisor VM has a control socket in {} (start one with \
+                     `memvisor run ...`)",
                     dir.display()
                 ),
                 1 => socks[0].clone(),
                 _ => bail!(
-                    "several VMs run ({}); name one: memvisor stats PID or PATH",
+                    "several VMs run ({}); name one by its PID or socket path",
                     socks
                         .iter()
                         .map(|p| p.display().to_string())
@@ -317,24 +338,42 @@ pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
                 ),
             }
         }
-    };
+    })
+}
+
+/// Sends `req` to a running VM's control socket and returns its answer; an answer with
+/// `"error"` becomes an error.
+pub fn control_request(target: Option<&str>, req: &serde_json::Value) -> Result<serde_json::Value> {
+    let path = control_socket(target)?;
     let mut s = UnixStream::connect(&path).map_err(|e| {
         anyhow::anyhow!(
-            "cannot reach memvisor stats at {}: {e} (the VM has exited, or this is not a \
-             memvisor stats socket)",
+            "cannot reach memvisor at {}: {e} (the VM has exited, or this is not a memvisor \
+             control socket)",
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)
+        .with_context(|| format!("sending a request to {}", path.display()))?;
     let mut body = Vec::new();
     s.read_to_end(&mut body)
-        .with_context(|| format!("reading stats from {}", path.display()))?;
-    serde_json::from_slice(&body).with_context(|| {
+        .with_context(|| format!("reading the answer from {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&body).with_context(|| {
         format!(
-            "{} answered, but not with memvisor stats (is it a memvisor socket?)",
+            "{} answered, but not with JSON (is it a memvisor socket?)",
             path.display()
         )
-    })
+    })?;
+    if let Some(e) = v.get("error").and_then(serde_json::Value::as_str) {
+        bail!("{e}");
+    }
+    Ok(v)
+}
+
+/// Reads a running VM's stats: from a socket path, a pid, or the only VM running.
+pub fn fetch_stats(target: Option<&str>) -> Result<serde_json::Value> {
+    control_request(target, &serde_json::json!({ "op": "stats" }))
 }
 
 fn mib(b: u64) -> String {

@@ -104,10 +104,13 @@ struct Live<'a> {
     order: Mutex<Vec<u32>>,
     stop: AtomicBool,
     /// Set once write protection is armed: the snapshot's instant. Before it a missing fault
-    /// is served as plain zero (the page may still change before the instant); from it on, it
-    /// records the page as zero. The handler holds it for reading across each decision and
-    /// resolution, so the arm cannot fall between them.
+    /// is served as plain zero and a write-protect fault lifts the protection (the page may
+    /// still change before the instant), and the page goes on `dirty`; from it on, faults
+    /// copy. The handler holds it for reading across each decision and resolution, so the
+    /// arm cannot fall between them.
     armed: parking_lot::RwLock<bool>,
+    /// Pages made writable again after the early arm, to protect again at the instant.
+    dirty: Mutex<Vec<u32>>,
     failure: Mutex<Option<LiveError>>,
     copied_on_write: AtomicU64,
     missing: AtomicU64,
@@ -158,6 +161,7 @@ pub unsafe fn take<T>(
         order: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         armed: parking_lot::RwLock::new(false),
+        dirty: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
         copied_on_write: AtomicU64::new(0),
         missing: AtomicU64::new(0),
@@ -171,10 +175,14 @@ pub unsafe fn take<T>(
             .spawn_scoped(s, || live.serve())
             .map_err(LiveError::Thread)?;
         let out = (|| -> Result<(T, u64, Duration), LiveError> {
+            // Protect everything while the guest still runs (1 GiB of 4 KiB pages takes
+            // 8 ms, more with KVM's shadow pages to drop), so that the pause only has to
+            // protect again what the guest wrote meanwhile.
+            live.protect_parallel(pages)?;
             let mut arm = || {
                 let t = Instant::now();
                 let mut armed = live.armed.write();
-                live.protect(0, pages, true)?;
+                live.protect_dirty()?;
                 *armed = true;
                 arm_time = t.elapsed();
                 Ok(())
@@ -267,6 +275,58 @@ impl Live<'_> {
                 Resolved::Again => std::thread::yield_now(),
                 Resolved::Done | Resolved::Exists => return Ok(()),
             }
+        }
+    }
+
+    /// Write-protects all `pages`, split among the host's cores: the guest is paused while
+    /// this runs, so its cores are free, and the kernel walks each part's page tables under
+    /// a shared lock, so the parts go in parallel (1 GiB of 4 KiB pages: about 5 ms alone).
+    fn protect_parallel(&self, pages: usize) -> Result<(), LiveError> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, 8);
+        // Parts of whole 2 MiB runs, so no huge mapping is split between two calls.
+        let per = pages.div_ceil(threads).div_ceil(CHUNK) * CHUNK;
+        if threads == 1 || per >= pages {
+            return self.protect(0, pages, true);
+        }
+        std::thread::scope(|s| {
+            let parts: Vec<_> = (per..pages)
+                .step_by(per)
+                .map(|first| s.spawn(move || self.protect(first, per.min(pages - first), true)))
+                .collect();
+            let mine = self.protect(0, per, true);
+            parts
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Ok(())))
+                .chain(std::iter::once(mine))
+                .collect::<Result<Vec<()>, LiveError>>()
+                .map(drop)
+        })
+    }
+
+    /// Protects again, in runs, the pages made writable since the early arm.
+    fn protect_dirty(&self) -> Result<(), LiveError> {
+        let mut dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut k = 0;
+        while k < dirty.len() {
+            let start = dirty[k];
+            let mut end = start + 1;
+            k += 1;
+            while k < dirty.len() && dirty[k] == end {
+                end += 1;
+                k += 1;
+            }
+            self.protect(start as usize, (end - start) as usize, true)?;
+        }
+        Ok(())
+    }
+
+    fn early(&self, idx: usize) {
+        if let Ok(i) = u32::try_from(idx) {
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).push(i);
         }
     }
 
@@ -421,6 +481,17 @@ impl Live<'_> {
                         let Some(idx) = self.index(addr, pages) else {
                             continue;
                         };
+                        let armed = self.armed.read();
+                        if !*armed {
+                            // Before the instant: let the write through, protect it again
+                            // at the instant.
+                            if let Err(e) = self.protect(idx, 1, false) {
+                                self.fail(e);
+                            }
+                            self.early(idx);
+                            continue;
+                        }
+                        drop(armed);
                         if self.claim(idx) {
                             self.read(idx, &mut page);
                             self.state[idx].store(DONE, Ordering::Release);
@@ -446,6 +517,9 @@ impl Live<'_> {
                             self.zero.fetch_add(1, Ordering::Relaxed);
                             self.touched(idx);
                             self.store_zero(idx);
+                        }
+                        if !*armed {
+                            self.early(idx);
                         }
                         self.missing.fetch_add(1, Ordering::Relaxed);
                         let r = if write {

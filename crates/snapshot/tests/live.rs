@@ -200,3 +200,42 @@ fn a_failing_store_abandons_the_snapshot_and_the_writers_run_on() {
         map.write(p, 1, 9);
     }
 }
+
+#[test]
+#[ignore = "a measurement, not a check"]
+fn arm_cost() {
+    use pager::uffd::{Modes, Uffd};
+    for huge in [false, true] {
+        let len = 1usize << 30;
+        let map = Map::new(len);
+        // SAFETY: advice on our own mapping.
+        unsafe {
+            libc::madvise(
+                map.ptr.cast(),
+                len,
+                if huge {
+                    libc::MADV_HUGEPAGE
+                } else {
+                    libc::MADV_NOHUGEPAGE
+                },
+            )
+        };
+        for p in 0..len / PAGE {
+            map.write(p, 0, 1);
+        }
+        let u = Uffd::new().unwrap();
+        let m = Modes {
+            missing: true,
+            write_protect: true,
+        };
+        u.register(map.ptr as u64, len as u64, m).unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            u.write_protect(map.ptr as u64, len as u64, true).unwrap();
+            let a = t.elapsed();
+            let t = std::time::Instant::now();
+            u.write_protect(map.ptr as u64, len as u64, false).unwrap();
+            eprintln!("huge {huge}: protect {a:?}, unprotect {:?}", t.elapsed());
+        }
+    }
+}
