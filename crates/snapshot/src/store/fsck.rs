@@ -126,7 +126,21 @@ struct PackCheck {
 }
 
 pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
+    // Shared: writers may finish meanwhile (never a gc). A snapshot finished between the
+    // listing of packs and the reading of its manifest names a pack the listing missed; the
+    // check then starts again, which sees both.
     let _lock = s.lock(LockMode::Shared)?;
+    let mut tries = 0;
+    loop {
+        let (report, raced) = run_once(s)?;
+        tries += 1;
+        if !raced || tries == 3 {
+            return Ok(report);
+        }
+    }
+}
+
+fn run_once(s: &Shared) -> Result<(FsckReport, bool), StoreError> {
     let mut r = FsckReport::default();
     for e in std::fs::read_dir(&s.tmp).ctx("list", &s.tmp)? {
         r.leftovers.push(e.ctx("list", &s.tmp)?.path());
@@ -136,7 +150,10 @@ pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
     // Packs: structure first, then every record (a patch needs its base from any pack).
     let mut packs: HashMap<u64, PackCheck> = HashMap::new();
     let mut whole: HashMap<Id, (u64, u64)> = HashMap::new();
-    for id in list_packs(&s.packs)? {
+    let listed: HashSet<u64> = list_packs(&s.packs)?.into_iter().collect();
+    let mut sorted_ids: Vec<u64> = listed.iter().copied().collect();
+    sorted_ids.sort_unstable();
+    for id in sorted_ids {
         r.packs += 1;
         let path = s.pack_path(id);
         let mut p = Problems::new(&mut r.problems, &path);
@@ -207,7 +224,7 @@ pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
                     Ok(()) => {
                         good.insert(e.offset);
                     }
-                    Err(what) => p.add(format!("record at {}: {what}", e.offset)),
+                    Err(what) => p.add(what),
                 }
             }
             p.close();
@@ -222,6 +239,7 @@ pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
     let mut kinds: HashMap<String, Kind> = HashMap::new();
     let mut clones: Vec<(String, Option<String>)> = Vec::new();
     let mut named: HashSet<u64> = HashSet::new();
+    let mut raced = false;
     for name in &names {
         let path = s.manifest_path(name);
         let mut p = Problems::new(&mut r.problems, &path);
@@ -243,6 +261,10 @@ pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
             Kind::Snapshot => {
                 r.snapshots += 1;
                 named.extend(m.pack_ids());
+                raced |= m
+                    .pack_ids()
+                    .iter()
+                    .any(|id| !listed.contains(id) && s.pack_path(*id).exists());
                 r.pages += check_manifest(&m, &packs, s, &mut p);
             }
         }
@@ -267,7 +289,7 @@ pub(crate) fn run(s: &Shared) -> Result<FsckReport, StoreError> {
         }
     }
     r.unreferenced_packs = packs.keys().filter(|id| !named.contains(id)).count() as u64;
-    Ok(r)
+    Ok((r, raced))
 }
 
 /// Reads, checks, decodes and hashes one record (a patch against its base).
@@ -279,16 +301,28 @@ fn check_one(
     buf: &mut [u8; MAX_RECORD],
     base_buf: &mut [u8; MAX_RECORD],
 ) -> Result<(), String> {
+    // read_record's complaints name the record's offset already.
     let rec = read_record(&pc.file, &pc.path, e.offset, e.len, buf).map_err(|e| match e {
         StoreError::Corrupt { what, .. } => what,
         other => other.to_string(),
     })?;
+    check_decoded(packs, whole, e, &rec, base_buf)
+        .map_err(|w| format!("record at {}: {w}", e.offset))
+}
+
+fn check_decoded(
+    packs: &HashMap<u64, PackCheck>,
+    whole: &HashMap<Id, (u64, u64)>,
+    e: &IndexEntry,
+    rec: &super::format::Record<'_>,
+    base_buf: &mut [u8; MAX_RECORD],
+) -> Result<(), String> {
     if rec.id != e.id || rec.form != e.form || rec.codec != e.codec {
         return Err("its header disagrees with the pack's index".into());
     }
     let mut page = [0u8; PAGE_SIZE];
     if rec.form == Form::Delta {
-        let base_id = delta_base(&rec).map_err(|_| "a patch shorter than its base id")?;
+        let base_id = delta_base(rec).map_err(|_| "a patch shorter than its base id")?;
         if base_id != e.base {
             return Err("its base id disagrees with the pack's index".into());
         }
@@ -300,9 +334,9 @@ fn check_one(
         let base = read_record(&b.file, &b.path, boff, be.len, base_buf)
             .map_err(|e| format!("its base cannot be read: {e}"))?;
         decode_whole(&base, &mut page).map_err(|_| "its base does not decode")?;
-        apply_delta(&rec, &mut page).map_err(|_| "the patch does not apply to its base")?;
+        apply_delta(rec, &mut page).map_err(|_| "the patch does not apply to its base")?;
     } else {
-        decode_whole(&rec, &mut page).map_err(|_| "the page does not decode")?;
+        decode_whole(rec, &mut page).map_err(|_| "the page does not decode")?;
     }
     if *blake3::hash(&page).as_bytes() != rec.id {
         return Err("the page does not hash to its id".into());

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use pagestore::{
-    Compression, DeltaCodec, Keys, MAX_COMPRESSED, MAX_LOC, PAGE_SIZE, Page, SimilarityIndex,
-    is_zero,
+    DeltaCodec, Keys, MAX_COMPRESSED, MAX_LOC, PAGE_SIZE, Page, SimilarityIndex, is_zero,
 };
 use parking_lot::Mutex;
 
@@ -406,8 +405,10 @@ impl SnapshotWriter {
             };
         }
         let mut buf = [0u8; MAX_COMPRESSED];
-        let level = self.shared.opts.zstd_level;
-        let compressed = Compression::Zstd { level }
+        let compressed = self
+            .shared
+            .opts
+            .compression
             .compress(page, &mut buf)
             .filter(|&n| n <= MAX_COMPRESSED_KEPT);
         let c_len = compressed.unwrap_or(usize::MAX);
