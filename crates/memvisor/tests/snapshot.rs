@@ -1,0 +1,253 @@
+//! Snapshots from the command line, on real guests: a live snapshot of memtest mid-run equals
+//! its pause-and-copy twin of the same instant, page for page; it restores through an
+//! in-process page server, through `memvisor page-server` in another process (Firecracker's
+//! handshake), and as an O(1) clone, and memtest finishes each time without a mismatch.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_memvisor"))
+}
+
+fn memvisor(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mv-snap-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(path.exists(), "{} never appeared", path.display());
+}
+
+fn restored_ok(o: &Output) {
+    let t = text(o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("memtest: ok"), "{t}");
+    assert!(t.contains("restored to the first instruction"), "{t}");
+}
+
+#[test]
+fn memtest_snapshotted_live_mid_run_equals_its_twin_and_restores_three_ways() {
+    let dir = scratch("memtest");
+    let (store, sock) = (dir.join("store"), dir.join("vm.sock"));
+    let s = store.to_str().unwrap();
+    let vm = bin()
+        .args(["run", "--guest", "memtest", "--memory", "512M"])
+        .args(["--control-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    let take = memvisor(&[
+        "snapshot",
+        "take",
+        "--vm",
+        sock.to_str().unwrap(),
+        "--store",
+        s,
+        "--reference",
+        "twin",
+        "--json",
+        "live",
+    ]);
+    let out = vm.wait_with_output().unwrap();
+    assert!(take.status.success(), "{}", text(&take));
+    assert!(text(&out).contains("memtest: ok"), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&take.stdout).unwrap();
+    assert_eq!(report["pages"], 131072, "{report}");
+
+    // Page for page, the live snapshot is the paused one of the same instant.
+    let st = snapshot::store::Store::open(&store).unwrap();
+    let (a, b) = (
+        st.open_snapshot("live").unwrap(),
+        st.open_snapshot("twin").unwrap(),
+    );
+    assert_eq!(a.pages(), b.pages());
+    let (mut pa, mut pb) = ([0u8; 4096], [0u8; 4096]);
+    let mut nonzero = 0;
+    for i in 0..a.pages() {
+        a.read_page(i, &mut pa).unwrap();
+        b.read_page(i, &mut pb).unwrap();
+        assert!(
+            pa == pb,
+            "page {i} differs between the live snapshot and its twin"
+        );
+        nonzero += u64::from(pa.iter().any(|&x| x != 0));
+    }
+    assert!(
+        nonzero > 1000,
+        "the guest had written little: {nonzero} pages"
+    );
+    assert_eq!(a.state(), b.state(), "one instant, one vCPU state");
+
+    // Restored by this process's page server, memtest picks up mid-pass and finishes.
+    restored_ok(&memvisor(&["restore", "--store", s, "live"]));
+
+    // Through `memvisor page-server`, another process, with Firecracker's handshake.
+    let ps_sock = dir.join("pages.sock");
+    let server = bin()
+        .args(["page-server", "live", "--once", "--store", s])
+        .args(["--socket", ps_sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&ps_sock);
+    let restored = memvisor(&[
+        "restore",
+        "--store",
+        s,
+        "--page-server",
+        ps_sock.to_str().unwrap(),
+        "live",
+    ]);
+    let served = server.wait_with_output().unwrap();
+    restored_ok(&restored);
+    assert!(served.status.success(), "{}", text(&served));
+    assert!(text(&served).contains("faults served"), "{}", text(&served));
+
+    // An O(1) clone restores the same.
+    let c = memvisor(&["clone", "--store", s, "live", "copy"]);
+    assert!(c.status.success(), "{}", text(&c));
+    restored_ok(&memvisor(&["restore", "--store", s, "copy"]));
+
+    let ls = memvisor(&["snapshot", "ls", "--store", s]);
+    assert!(ls.status.success(), "{}", text(&ls));
+    let ls = text(&ls);
+    assert!(
+        ls.contains("live") && ls.contains("twin") && ls.contains("copy"),
+        "{ls}"
+    );
+    // A snapshot a clone stands on stays until the clone goes.
+    let rm = memvisor(&["snapshot", "rm", "--store", s, "live"]);
+    assert!(
+        !rm.status.success() && text(&rm).contains("copy"),
+        "{}",
+        text(&rm)
+    );
+    let rm = memvisor(&["snapshot", "rm", "--store", s, "--gc", "twin"]);
+    assert!(rm.status.success(), "{}", text(&rm));
+    let fsck = memvisor(&["snapshot", "fsck", "--store", s]);
+    assert!(
+        fsck.status.success() && text(&fsck).contains("clean"),
+        "{}",
+        text(&fsck)
+    );
+    let du = memvisor(&["snapshot", "du", "--store", s]);
+    assert!(du.status.success(), "{}", text(&du));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn snapshot_commands_fail_with_clear_errors() {
+    let dir = scratch("errors");
+    let s = dir.join("store");
+    let s = s.to_str().unwrap();
+    let gone = dir.join("nothing.sock");
+    let o = memvisor(&[
+        "snapshot",
+        "take",
+        "--vm",
+        gone.to_str().unwrap(),
+        "--store",
+        s,
+        "x",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("cannot reach memvisor"),
+        "{}",
+        text(&o)
+    );
+    let o = memvisor(&["restore", "--store", s, "nosuch"]);
+    assert!(
+        !o.status.success() && text(&o).contains("nosuch"),
+        "{}",
+        text(&o)
+    );
+    let o = memvisor(&[
+        "restore",
+        "--store",
+        s,
+        "--page-server",
+        gone.to_str().unwrap(),
+        "x",
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // A VM under the pager cannot be snapshotted: the pager owns its userfaultfd.
+    let sock = dir.join("vm.sock");
+    let mut vm = bin()
+        .args([
+            "run", "--guest", "idle", "--memory", "32M", "--policy", "full",
+        ])
+        .args(["--control-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    let o = memvisor(&[
+        "snapshot",
+        "take",
+        "--vm",
+        sock.to_str().unwrap(),
+        "--store",
+        s,
+        "x",
+    ]);
+    let _ = vm.kill();
+    let _ = vm.wait();
+    assert!(
+        !o.status.success() && text(&o).contains("pager"),
+        "{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_snapshot_meets_its_bars_on_a_short_run() {
+    let dir = scratch("bench");
+    let o = memvisor(&[
+        "bench",
+        "snapshot",
+        "--json",
+        "--guests",
+        "4",
+        "--restores",
+        "1",
+        "--big",
+        "256M",
+        "--dir",
+        dir.join("work").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = |k: &str| r[k].as_f64().unwrap();
+    assert!(f("store_bytes") <= 0.2 * f("flat_bytes"), "{r}");
+    assert!(f("store_bytes") <= 0.5 * f("zstd_bytes"), "{r}");
+    assert_eq!(r["big"]["memtest_ok"], true, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
