@@ -251,3 +251,70 @@ fn bench_snapshot_meets_its_bars_on_a_short_run() {
     assert_eq!(r["big"]["memtest_ok"], true, "{r}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn kill_9_of_a_vm_mid_snapshot_leaves_a_store_that_fsck_passes_and_restores() {
+    let dir = scratch("kill");
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    let start = |sock: &Path| {
+        let vm = bin()
+            .args(["run", "--guest", "memtest", "--memory", "512M"])
+            .args(["--control-socket", sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(sock);
+        vm
+    };
+    let take = |sock: &Path, name: &str| {
+        bin()
+            .args([
+                "snapshot",
+                "take",
+                "--vm",
+                sock.to_str().unwrap(),
+                "--store",
+                s,
+                name,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A whole snapshot first.
+    let sock = dir.join("a.sock");
+    let mut vm = start(&sock);
+    let t = take(&sock, "before").wait_with_output().unwrap();
+    assert!(t.status.success(), "{}", text(&t));
+    let _ = vm.wait();
+    // Then VMs killed at several moments of their snapshots.
+    for (i, ms) in [20u64, 80, 200, 400].into_iter().enumerate() {
+        let sock = dir.join(format!("k{i}.sock"));
+        let mut vm = start(&sock);
+        let t = take(&sock, &format!("killed{i}"));
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = vm.kill(); // SIGKILL
+        let _ = vm.wait();
+        let _ = t.wait_with_output();
+        let fsck = memvisor(&["snapshot", "fsck", "--store", s]);
+        assert!(
+            fsck.status.success(),
+            "after a kill at {ms} ms: {}",
+            text(&fsck)
+        );
+    }
+    let gc = memvisor(&["snapshot", "gc", "--store", s]);
+    assert!(gc.status.success(), "{}", text(&gc));
+    let fsck = memvisor(&["snapshot", "fsck", "--store", s]);
+    assert!(
+        fsck.status.success() && text(&fsck).contains("clean"),
+        "{}",
+        text(&fsck)
+    );
+    restored_ok(&memvisor(&["restore", "--store", s, "before"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
