@@ -60,7 +60,9 @@ pub use writer::SnapshotWriter;
 
 use error::IoContext;
 use format::{FORMAT_VERSION, Form};
-use fsutil::{LockMode, lock, lock_blocking, publish_no_clobber, sync_dir, write_durable};
+use fsutil::{
+    LockMode, crash_point, lock, lock_blocking, publish_no_clobber, sync_dir, write_durable,
+};
 use index::GlobalIndex;
 use manifest::{Kind, MANIFEST_HEADER, Manifest, Parts};
 use pack::{list_packs, pack_path, read_index};
@@ -292,12 +294,16 @@ impl Shared {
     /// name durable. Runs under the names lock.
     pub(crate) fn publish_manifest(&self, tmp: &Path, name: &str) -> Result<(), StoreError> {
         let to = self.manifest_path(name);
+        crash_point("manifest-written");
         let r = {
             let _names = lock_blocking(&self.names_lock)?;
             publish_no_clobber(tmp, &to)
         };
         match r {
-            Ok(()) => sync_dir(&self.manifests),
+            Ok(()) => {
+                crash_point("manifest-linked");
+                sync_dir(&self.manifests)
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(tmp);
                 if e.kind() == ErrorKind::AlreadyExists {
@@ -541,7 +547,18 @@ impl Store {
         let s = &self.shared;
         let _lock = s.lock(LockMode::Shared)?;
         let _names = lock_blocking(&s.names_lock)?;
-        s.read_manifest_head(name)?;
+        // Only its existence is checked: a damaged manifest can be removed too.
+        let path = s.manifest_path(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchSnapshot {
+                    name: name.to_string(),
+                    dir: s.dir.clone(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("stat", &path, e)),
+        }
         let mut clones = Vec::new();
         for other in s.manifest_names()? {
             if other == name {
@@ -558,8 +575,8 @@ impl Store {
                 clones,
             });
         }
-        let path = s.manifest_path(name);
         std::fs::remove_file(&path).ctx("remove", &path)?;
+        crash_point("remove-unlinked");
         sync_dir(&s.manifests)
     }
 
@@ -595,6 +612,7 @@ impl Store {
         })
         .map_err(|what| StoreError::corrupt(s.manifest_path(from), what))?;
         let tmp = s.write_tmp_manifest(new, &bytes)?;
+        crash_point("manifest-written");
         // The base must still be there when the clone appears: checked again under the lock.
         let r = {
             let _names = lock_blocking(&s.names_lock)?;
@@ -621,6 +639,7 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
         }
         r?;
+        crash_point("manifest-linked");
         sync_dir(&s.manifests)
     }
 

@@ -148,3 +148,27 @@ pub(crate) fn lock_blocking(path: &Path) -> Result<Lock, StoreError> {
     flock(&file, libc::LOCK_EX).ctx("lock", path)?;
     Ok(Lock { _file: file })
 }
+
+/// The crash-safety tests' failpoints: with `MEMVISOR_STORE_CRASH_AT=<step>` (or
+/// `<step>:<n>`) in the environment, the process aborts the first (or n-th) time it reaches
+/// that step of the protocol, as a `kill -9` would stop it there. Without it, one load of a
+/// cached value. Steps: `pack-written`, `pack-linked`, `manifest-written`, `manifest-linked`,
+/// `remove-unlinked`, `gc-leftovers-removed`, `gc-pack-written`, `gc-pack-linked`,
+/// `gc-manifest-rewritten`, `gc-pack-deleted`.
+pub(crate) fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("MEMVISOR_STORE_CRASH_AT").ok()?;
+        Some(match v.split_once(':') {
+            Some((s, n)) => (s.to_string(), n.parse().unwrap_or(1)),
+            None => (v, 1),
+        })
+    });
+    if let Some((name, n)) = at
+        && name == step
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+    {
+        std::process::abort();
+    }
+}

@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::Shared;
 use super::error::{IoContext, StoreError};
 use super::format::{IndexEntry, MAX_RECORD};
-use super::fsutil::{LockMode, sync_dir, write_durable};
+use super::fsutil::{LockMode, crash_point, sync_dir, write_durable};
 use super::manifest::{self, Kind, Manifest, ObjEntry, Parts};
 use super::pack::{PackBuilder, list_packs, read_index, read_record};
 
@@ -86,6 +86,7 @@ pub(crate) fn run(s: &Shared) -> Result<GcReport, StoreError> {
         r.ctx("remove leftover", &path)?;
         report.leftovers_removed += 1;
     }
+    crash_point("gc-leftovers-removed");
 
     // 2. What is live: (pack id, offset) -> length, from every manifest.
     let mut manifests: Vec<(String, Manifest)> = Vec::new();
@@ -173,7 +174,10 @@ pub(crate) fn run(s: &Shared) -> Result<GcReport, StoreError> {
         let r = r.and_then(|()| {
             let mut done = Vec::new();
             for b in out.drain(..) {
-                done.push(b.finish(&s.packs)?.id);
+                done.push(
+                    b.finish(&s.packs, ["gc-pack-written", "gc-pack-linked"])?
+                        .id,
+                );
             }
             Ok(done)
         });
@@ -204,6 +208,7 @@ pub(crate) fn run(s: &Shared) -> Result<GcReport, StoreError> {
         let to = s.manifest_path(name);
         std::fs::rename(&tmp, &to).ctx("rename into place", &to)?;
         report.manifests_rewritten += 1;
+        crash_point("gc-manifest-rewritten");
     }
     if report.manifests_rewritten > 0 {
         sync_dir(&s.manifests)?;
@@ -216,7 +221,7 @@ pub(crate) fn run(s: &Shared) -> Result<GcReport, StoreError> {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(StoreError::io("remove", &path, e));
             }
-            _ => {}
+            _ => crash_point("gc-pack-deleted"),
         }
     }
     report.packs_deleted = delete.len() as u64;

@@ -19,7 +19,7 @@ use super::format::{
     Bad, FOOTER, Footer, INDEX_ENTRY, IndexEntry, MAX_RECORD, PACK_HEADER, PackHeader, Record,
     check_record, decode_footer, decode_pack_header, encode_footer, encode_pack_header, to_usize,
 };
-use super::fsutil::{fresh_id, now, publish_no_clobber};
+use super::fsutil::{crash_point, fresh_id, now, publish_no_clobber};
 
 /// `packs/<id as 16 hex digits>.pack`.
 pub(crate) fn pack_path(packs: &Path, id: u64) -> PathBuf {
@@ -100,8 +100,9 @@ impl PackBuilder {
     }
 
     /// Writes the index and footer, makes the pack durable and links it into `packs/`. The
-    /// caller fsyncs `packs/` once for all the packs it finishes.
-    pub(crate) fn finish(self, packs: &Path) -> Result<Finished, StoreError> {
+    /// caller fsyncs `packs/` once for all the packs it finishes. `steps` names the two
+    /// failpoints (written, linked) for the crash tests.
+    pub(crate) fn finish(self, packs: &Path, steps: [&str; 2]) -> Result<Finished, StoreError> {
         let mut index = Vec::with_capacity(self.entries.len() * INDEX_ENTRY + FOOTER);
         for e in &self.entries {
             e.encode(&mut index);
@@ -111,9 +112,11 @@ impl PackBuilder {
         self.file
             .write_all_at(&index, self.next)
             .ctx("write", &self.tmp)?;
+        crash_point(steps[0]);
         self.file.sync_all().ctx("fsync", &self.tmp)?;
         let to = pack_path(packs, self.id);
         publish_no_clobber(&self.tmp, &to).ctx("link pack into place as", &to)?;
+        crash_point(steps[1]);
         Ok(Finished {
             id: self.id,
             file: self.file,

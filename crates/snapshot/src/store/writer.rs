@@ -32,6 +32,8 @@ const FIRST_OBJECT: u32 = 2;
 /// A patch this small is kept without trying the compressor (which almost never gets a page
 /// that small), as the page store does.
 const SMALL_PATCH: usize = 256;
+/// A patch this small ends the search for a better base.
+const TINY_PATCH: usize = 64;
 /// A compressed page is kept only if it saves at least 1/16 of a page; else raw, which reads
 /// back without a decoder.
 const MAX_COMPRESSED_KEPT: usize = PAGE_SIZE - PAGE_SIZE / 16;
@@ -366,7 +368,8 @@ impl SnapshotWriter {
     }
 
     /// Chooses the form of a new page: the smallest of a patch against a similar whole page
-    /// (this snapshot's first, then the store's), zstd, and raw.
+    /// (this snapshot's candidate and the store's, the smaller patch), the compressor's
+    /// output, and raw.
     fn encode(&self, page: &Page, id: &Id, keys: &Keys) -> Encoded {
         let mut patch: Option<(PackRefObj, Id, Vec<u8>)> = None;
         let candidates = [
@@ -375,13 +378,22 @@ impl SnapshotWriter {
         ];
         let mut base_page = [0u8; PAGE_SIZE];
         for c in candidates.into_iter().flatten() {
+            // A patch this small will not be beaten by enough to pay for another base read.
+            if patch
+                .as_ref()
+                .is_some_and(|(_, _, d)| d.len() <= TINY_PATCH)
+            {
+                break;
+            }
             let Some(base_id) = self.read_base(c, &mut base_page) else {
                 continue;
             };
+            let limit = patch
+                .as_ref()
+                .map_or(MAX_PATCH, |(_, _, d)| d.len().saturating_sub(1));
             let mut d = Vec::with_capacity(MAX_PATCH + 64);
-            if CODEC.encode(page, &base_page, MAX_PATCH, &mut d) {
+            if CODEC.encode(page, &base_page, limit, &mut d) {
                 patch = Some((c, base_id, d));
-                break;
             }
         }
         let mut record = Vec::with_capacity(RECORD_HEADER + PAGE_SIZE);
@@ -463,7 +475,7 @@ impl SnapshotWriter {
         // 1. The packs, durable and in place.
         let mut finished = Vec::new();
         for p in t.own.drain(..) {
-            finished.push(p.finish(&self.shared.packs)?);
+            finished.push(p.finish(&self.shared.packs, ["pack-written", "pack-linked"])?);
         }
         if !finished.is_empty() {
             sync_dir(&self.shared.packs)?;
