@@ -743,6 +743,20 @@ fn fsck_finds_a_truncated_manifest() {
     assert_reads_back(&store, "whole", &[text_page(1)]);
     // gc refuses to run on a store whose manifests it cannot read: it cannot know what is live.
     assert!(matches!(store.gc(), Err(StoreError::Corrupt { .. })));
+    // The fix its message names: remove the damaged snapshot; then gc collects its pages.
+    store.remove("cut").unwrap();
+    let r = store.gc().unwrap();
+    assert_eq!(r.packs_deleted, 1, "{r:?}");
+    assert_clean(&store);
+    assert_reads_back(&store, "whole", &[text_page(1)]);
+}
+
+#[test]
+fn writers_stores_and_snapshots_are_send_and_sync() {
+    fn both<T: Send + Sync>() {}
+    both::<Store>();
+    both::<snapshot::store::SnapshotWriter>();
+    both::<Snapshot>();
 }
 
 /// Seals a manifest after an edit: recomputes its body and header checksums, as a hostile
@@ -989,6 +1003,18 @@ fn performance_of_a_1gib_snapshot() {
     for i in (0..n).step_by(997) {
         assert!(read(&s, i) == text_page(i));
     }
+    // The first writer of a process reads every pack's index (for dedup): its cost grows with
+    // the store.
+    let t2 = Instant::now();
+    let w = Store::open(&t.store())
+        .unwrap()
+        .writer("next", PAGE as u64)
+        .unwrap();
+    println!(
+        "first writer of a new process on this store: {:.0} ms",
+        t2.elapsed().as_secs_f64() * 1e3
+    );
+    drop(w);
     if release() {
         // Generous bounds for a shared CI machine; docs/snapshots.md has the real figures.
         assert!(open_p50 < 50.0, "open of 1 GiB took {open_p50:.2} ms");
@@ -1175,15 +1201,19 @@ fn crash_options() -> StoreOptions {
     }
 }
 
-/// The child side of `crash_safety_under_sigkill` (a no-op when run as a test): writes
-/// snapshots on two threads, clones, removes and collects, in a loop, printing what it has
-/// finished, until it is killed.
+const CRASH_KEEP: &str = "SNAPSHOT_CRASH_KEEP";
+const CRASH_AT: &str = "MEMVISOR_STORE_CRASH_AT";
+
+/// The child side of the crash tests (a no-op when run as a test): writes snapshots on two
+/// threads, clones, removes the oldest beyond a handful, and collects, in a loop, printing
+/// what it has finished, until it is killed (or reaches its failpoint).
 #[test]
 fn crash_child() {
     let Some(dir) = std::env::var_os(CRASH_STORE) else {
         return;
     };
     let prefix = std::env::var(CRASH_PREFIX).unwrap();
+    let keep: usize = std::env::var(CRASH_KEEP).map_or(6, |k| k.parse().unwrap());
     let store = Store::open_with(Path::new(&dir), crash_options()).unwrap();
     let say = |line: String| {
         use std::io::Write;
@@ -1216,7 +1246,7 @@ fn crash_child() {
         // Keep a handful: remove the oldest (clones before their bases).
         loop {
             let list = store.list().unwrap();
-            if list.len() <= 6 {
+            if list.len() <= keep {
                 break;
             }
             let bases: HashSet<&str> = list.iter().filter_map(|i| i.base.as_deref()).collect();
@@ -1231,24 +1261,97 @@ fn crash_child() {
     }
 }
 
+/// What the children reported: snapshots finished, and snapshots they set out to remove.
+#[derive(Default)]
+struct Reported {
+    finished: HashSet<String>,
+    removing: HashSet<String>,
+}
+
+impl Reported {
+    fn read(&mut self, out: &str) -> usize {
+        let mut n = 0;
+        for line in out.lines() {
+            if let Some(name) = line.strip_prefix("done ") {
+                self.finished.insert(name.to_string());
+                n += 1;
+            } else if let Some(name) = line.strip_prefix("removing ") {
+                self.removing.insert(name.to_string());
+            }
+        }
+        n
+    }
+}
+
+/// After a crash: fsck is clean, every snapshot finished (and not being removed) is there,
+/// and every snapshot there reads back byte for byte (`pages_of` gives the pages of snapshots
+/// the children did not write).
+fn verify_after_crash(
+    dir: &Path,
+    reported: &Reported,
+    what: &str,
+    pages_of: &dyn Fn(&str) -> Option<Vec<Page>>,
+) -> snapshot::store::FsckReport {
+    let store = Store::open_with(dir, crash_options()).unwrap();
+    let report = store.fsck().unwrap();
+    assert!(report.is_clean(), "{what}: {:#?}", report.problems);
+    let list = store.list().unwrap();
+    let present: HashSet<&str> = list.iter().map(|i| i.name.as_str()).collect();
+    for n in &reported.finished {
+        assert!(
+            reported.removing.contains(n) || present.contains(n.as_str()),
+            "{what}: finished snapshot {n} is gone"
+        );
+    }
+    for info in &list {
+        // The last snapshot may have become visible just before its "done" line.
+        let content_of = info.base.clone().unwrap_or_else(|| info.name.clone());
+        let s = store.open_snapshot(&info.name).unwrap();
+        if let Some(pages) = pages_of(&content_of) {
+            for (p, want) in pages.iter().enumerate() {
+                assert!(
+                    read(&s, p as u64) == *want,
+                    "{what}: {} page {p} differs",
+                    info.name
+                );
+            }
+            continue;
+        }
+        assert_eq!(s.state(), crash_state(&content_of), "{what}: {}", info.name);
+        assert_eq!(s.order(), crash_order(&content_of), "{what}: {}", info.name);
+        for p in 0..CRASH_PAGES {
+            assert!(
+                read(&s, p) == crash_page(&content_of, p),
+                "{what}: {} page {p} differs",
+                info.name
+            );
+        }
+    }
+    report
+}
+
+fn crash_child_command(dir: &Path, prefix: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_STORE, dir)
+        .env(CRASH_PREFIX, prefix)
+        .env_remove(CRASH_AT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    c
+}
+
 #[test]
 fn crash_safety_under_sigkill() {
     let t = TempDir::new("crash");
     let dir = t.store();
     Store::open_with(&dir, crash_options()).unwrap();
-    let exe = std::env::current_exe().unwrap();
     let rounds = 20;
-    let mut finished: HashSet<String> = HashSet::new();
-    let mut removing: HashSet<String> = HashSet::new();
+    let mut reported = Reported::default();
     let mut x = 0x5eed_u64;
-    let mut total_snapshots = 0;
+    let mut total = 0;
     for round in 0..rounds {
-        let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CRASH_STORE, &dir)
-            .env(CRASH_PREFIX, format!("r{round}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+        let mut child = crash_child_command(&dir, &format!("r{round}"))
             .spawn()
             .unwrap();
         // From the middle of the first write to several cycles in.
@@ -1263,50 +1366,13 @@ fn crash_safety_under_sigkill() {
             .unwrap()
             .read_to_string(&mut out)
             .unwrap();
-        for line in out.lines() {
-            if let Some(n) = line.strip_prefix("done ") {
-                finished.insert(n.to_string());
-                total_snapshots += 1;
-            } else if let Some(n) = line.strip_prefix("removing ") {
-                removing.insert(n.to_string());
-            }
-        }
-
-        let store = Store::open_with(&dir, crash_options()).unwrap();
-        let report = store.fsck().unwrap();
-        assert!(
-            report.is_clean(),
-            "round {round} (killed after {delay:?}): {:#?}",
-            report.problems
-        );
-        let list = store.list().unwrap();
-        let present: HashSet<&str> = list.iter().map(|i| i.name.as_str()).collect();
-        for n in &finished {
-            assert!(
-                removing.contains(n) || present.contains(n.as_str()),
-                "round {round}: finished snapshot {n} is gone"
-            );
-        }
-        for info in &list {
-            // Every visible snapshot was finished (the last one may have been made visible
-            // just before its "done" line could be printed) and reads back byte for byte.
-            let content_of = info.base.clone().unwrap_or_else(|| info.name.clone());
-            let s = store.open_snapshot(&info.name).unwrap();
-            assert_eq!(s.state(), crash_state(&content_of), "{}", info.name);
-            assert_eq!(s.order(), crash_order(&content_of), "{}", info.name);
-            for p in 0..CRASH_PAGES {
-                assert!(
-                    read(&s, p) == crash_page(&content_of, p),
-                    "round {round}: {} page {p} differs",
-                    info.name
-                );
-            }
-        }
+        total += reported.read(&out);
+        let what = format!("round {round} (killed after {delay:?})");
+        let r = verify_after_crash(&dir, &reported, &what, &|_| None);
         println!(
-            "round {round}: killed after {delay:?}; {} snapshots, {} leftovers, {} unreferenced packs",
-            list.len(),
-            report.leftovers.len(),
-            report.unreferenced_packs
+            "{what}: {} leftovers, {} unreferenced packs",
+            r.leftovers.len(),
+            r.unreferenced_packs
         );
     }
     // The next gc clears whatever the kills left.
@@ -1315,7 +1381,89 @@ fn crash_safety_under_sigkill() {
     let r = assert_clean(&store);
     assert_eq!((r.leftovers.len(), r.unreferenced_packs), (0, 0));
     assert!(
-        total_snapshots >= rounds,
-        "the children got far enough: {total_snapshots} snapshots"
+        total >= rounds,
+        "the children got far enough: {total} snapshots"
     );
+}
+
+/// A crash at each step of the protocol, made certain with the store's failpoints
+/// (`MEMVISOR_STORE_CRASH_AT`): the child aborts there, and the store must be consistent.
+#[test]
+fn a_crash_at_every_step_of_the_protocol_leaves_a_consistent_store() {
+    // `:2`: the second time (the writer's second pack; the clone's manifest).
+    let steps = [
+        "pack-written",
+        "pack-linked",
+        "pack-linked:2",
+        "manifest-written",
+        "manifest-linked",
+        "manifest-linked:3",
+        "remove-unlinked",
+        "gc-leftovers-removed",
+        "gc-pack-written",
+        "gc-pack-linked",
+        "gc-manifest-rewritten",
+        "gc-pack-deleted",
+    ];
+    let gone: Vec<Page> = (0..64).map(text_page).collect();
+    let keep: Vec<Page> = (0..64)
+        .map(|i| {
+            if i % 2 == 0 {
+                gone[i]
+            } else {
+                text_page(100 + i as u64)
+            }
+        })
+        .collect();
+    let pages_of = |name: &str| match name {
+        "gone" => Some(gone.clone()),
+        "keep" => Some(keep.clone()),
+        _ => None,
+    };
+    for step in steps {
+        let t = TempDir::new("step");
+        let dir = t.store();
+        let store = Store::open_with(&dir, crash_options()).unwrap();
+        // The child writes a third snapshot, removes "gone" (the oldest), and collects: half
+        // of gone's pack is still needed by "keep", so gc copies it, rewrites keep's manifest
+        // and deletes gone's pack.
+        write(&store, "gone", &gone);
+        write(&store, "keep", &keep);
+        std::fs::write(dir.join("tmp/leftover"), b"of an earlier crash").unwrap();
+        drop(store);
+        let mut child = crash_child_command(&dir, "s")
+            .env(CRASH_KEEP, "2")
+            .env(CRASH_AT, step)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                child.kill().unwrap();
+                panic!("{step}: the child never reached the step");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{step}: {status:?}");
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let mut reported = Reported::default();
+        reported.finished.insert("keep".into());
+        reported.read(&out);
+        verify_after_crash(&dir, &reported, step, &pages_of);
+        let store = Store::open(&dir).unwrap();
+        store.gc().unwrap();
+        let r = assert_clean(&store);
+        assert_eq!((r.leftovers.len(), r.unreferenced_packs), (0, 0), "{step}");
+        assert_reads_back(&store, "keep", &keep);
+    }
 }
