@@ -264,17 +264,24 @@ impl Shared {
     /// Names of every manifest, sorted (files with names that are not snapshot names are not
     /// manifests and are ignored).
     pub(crate) fn manifest_names(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.manifest_entries()?.0)
+    }
+
+    /// Names of every manifest, sorted, and the paths of any other files in `manifests/`
+    /// (which the store never makes: gc refuses to run while they are there, fsck names them).
+    pub(crate) fn manifest_entries(&self) -> Result<(Vec<String>, Vec<PathBuf>), StoreError> {
         let mut names = Vec::new();
+        let mut strays = Vec::new();
         for e in std::fs::read_dir(&self.manifests).ctx("list", &self.manifests)? {
             let e = e.ctx("list", &self.manifests)?;
-            if let Some(n) = e.file_name().to_str()
-                && valid_name(n).is_ok()
-            {
-                names.push(n.to_string());
+            match e.file_name().to_str() {
+                Some(n) if valid_name(n).is_ok() => names.push(n.to_string()),
+                _ => strays.push(e.path()),
             }
         }
         names.sort();
-        Ok(names)
+        strays.sort();
+        Ok((names, strays))
     }
 
     /// Writes a manifest under `tmp/` and makes it durable; returns its temporary path.

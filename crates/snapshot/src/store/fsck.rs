@@ -235,7 +235,13 @@ fn run_once(s: &Shared) -> Result<(FsckReport, bool), StoreError> {
     }
 
     // Manifests.
-    let names = s.manifest_names()?;
+    let (names, strays) = s.manifest_entries()?;
+    for stray in strays {
+        r.problems.push(Problem {
+            path: stray,
+            what: "not a snapshot name: the store never makes this file, and gc will not run while it is there".into(),
+        });
+    }
     let mut kinds: HashMap<String, Kind> = HashMap::new();
     let mut clones: Vec<(String, Option<String>)> = Vec::new();
     let mut named: HashSet<u64> = HashSet::new();

@@ -91,7 +91,15 @@ pub(crate) fn run(s: &Shared) -> Result<GcReport, StoreError> {
     // 2. What is live: (pack id, offset) -> length, from every manifest.
     let mut manifests: Vec<(String, Manifest)> = Vec::new();
     let mut live: HashMap<u64, HashMap<u64, u32>> = HashMap::new();
-    for name in s.manifest_names()? {
+    let (names, strays) = s.manifest_entries()?;
+    if let Some(stray) = strays.first() {
+        // It might be a snapshot renamed by hand: what it refers to cannot be collected.
+        return Err(StoreError::corrupt(
+            stray,
+            "a file in manifests/ whose name is not a snapshot name; gc will not run while it is there (rename it to a valid name or move it out)",
+        ));
+    }
+    for name in names {
         let m = s.read_manifest(&name)?;
         if m.kind == Kind::Snapshot {
             let ids = m.pack_ids();
