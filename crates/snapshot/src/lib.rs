@@ -1,8 +1,10 @@
 //! `snapshot`: VM memory snapshots.
 //!
-//! - [`store`]: the on-disk snapshot store. Pages are content-addressed and kept in the
-//!   pagestore's forms (once for every snapshot that holds them, as a patch against a similar
-//!   page, or compressed); a snapshot is a manifest from guest page to stored page.
+//! - [`store`]: the on-disk snapshot store. Pages are content-addressed (BLAKE3) and kept in
+//!   the pagestore's forms (once for every snapshot that holds them, as a patch against a
+//!   similar page, or compressed); a snapshot is a manifest from guest page to stored page that
+//!   opens in one read. Safe against a crash at any point; gc collects, fsck checks
+//!   (docs/snapshots.md).
 //! - [`live`]: live snapshots of running guest RAM, copy-on-write through userfaultfd write
 //!   protection; the guest pauses only to arm it.
 //! - [`server`]: the page server that restores a snapshot lazily through userfaultfd, with
