@@ -14,8 +14,8 @@
 //! never copied twice nor after a write. The pages the guest touched first, in the order it
 //! touched them, are kept: a restore prefetches them first.
 
+use parking_lot::Mutex;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -210,12 +210,7 @@ pub unsafe fn take<T>(
         Ok::<_, LiveError>((frozen, copied, copy))
     });
     let (frozen, copied, copy) = result?;
-    if let Some(e) = live
-        .failure
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(e) = live.failure.lock().take() {
         return Err(e);
     }
     let report = LiveReport {
@@ -227,7 +222,7 @@ pub unsafe fn take<T>(
         arm: arm_time,
         copy,
         fault: live.fault_ns.summary(),
-        order: std::mem::take(&mut *live.order.lock().unwrap_or_else(|e| e.into_inner())),
+        order: std::mem::take(&mut *live.order.lock()),
     };
     Ok((frozen, report))
 }
@@ -307,7 +302,7 @@ impl Live<'_> {
 
     /// Protects again, in runs, the pages made writable since the early arm.
     fn protect_dirty(&self) -> Result<(), LiveError> {
-        let mut dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut dirty = std::mem::take(&mut *self.dirty.lock());
         dirty.sort_unstable();
         dirty.dedup();
         let mut k = 0;
@@ -326,12 +321,12 @@ impl Live<'_> {
 
     fn early(&self, idx: usize) {
         if let Ok(i) = u32::try_from(idx) {
-            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).push(i);
+            self.dirty.lock().push(i);
         }
     }
 
     fn fail(&self, e: LiveError) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.failure.lock();
         if f.is_none() {
             *f = Some(e);
         }
@@ -407,12 +402,7 @@ impl Live<'_> {
                 }
                 self.protect(first + start, k - start, false)?;
             }
-            if self
-                .failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
-            {
+            if self.failure.lock().is_some() {
                 break;
             }
         }
@@ -447,7 +437,7 @@ impl Live<'_> {
 
     fn touched(&self, idx: usize) {
         if let Ok(i) = u32::try_from(idx) {
-            self.order.lock().unwrap_or_else(|e| e.into_inner()).push(i);
+            self.order.lock().push(i);
         }
     }
 

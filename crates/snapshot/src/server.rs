@@ -241,7 +241,7 @@ fn peer_pidfd(conn: &UnixStream) -> Result<Option<OwnedFd>, ServerError> {
         uid: 0,
         gid: 0,
     };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).expect("a ucred is 12 bytes");
     // SAFETY: SO_PEERCRED writes one ucred into `cred`, whose size is passed.
     let r = unsafe {
         libc::getsockopt(

@@ -1,6 +1,8 @@
 //! Live snapshots on a plain mapping with writer threads: the snapshot must equal, page for
 //! page, a pause-and-copy snapshot taken at the same instant, while the writers keep writing.
 
+#![allow(clippy::cast_possible_truncation)] // page counts and random draws in tests
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

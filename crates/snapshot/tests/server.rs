@@ -1,6 +1,8 @@
 //! The page server on plain mappings: the handshake, lazy fault service, zero pages, remove
 //! events, prefetch, hostile messages, and a VMM in another process that exits.
 
+#![allow(clippy::cast_possible_truncation)] // page counts in tests are small
+
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,7 +17,7 @@ struct Pattern {
 }
 
 fn pattern(i: u64, out: &mut [u8; PAGE]) {
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         out.fill(0);
         return;
     }
@@ -29,7 +31,7 @@ impl PageSource for Pattern {
         self.pages
     }
     fn is_zero(&self, index: u64) -> bool {
-        index % 5 == 0
+        index.is_multiple_of(5)
     }
     fn read_page(&self, index: u64, out: &mut [u8; PAGE]) -> Result<(), BoxError> {
         pattern(index, out);
@@ -129,10 +131,8 @@ fn faults_are_served_from_the_snapshot_with_prefetch_and_remove_events() {
         // SAFETY: inside the mapping.
         unsafe { std::ptr::write_volatile(ram.add(200 * PAGE), 0xab) };
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { std::ptr::read_volatile(ram.add(200 * PAGE)) },
-            0xab
-        );
+        let back = unsafe { std::ptr::read_volatile(ram.add(200 * PAGE)) };
+        assert_eq!(back, 0xab);
         stop.store(true, Ordering::Release);
         let report = srv.join().unwrap().expect("served");
         eprintln!("{report:?}");
