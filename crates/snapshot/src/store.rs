@@ -495,7 +495,7 @@ impl Store {
                 created: m.created,
                 ram_bytes: ram,
                 pages_nonzero: nonzero,
-                logical_bytes: nonzero * 4096,
+                logical_bytes: nonzero.saturating_mul(4096),
                 stored_bytes: stored,
                 unique_bytes: unique,
                 base: m.base().map(str::to_string),
