@@ -1358,9 +1358,11 @@ fn crash_safety_under_sigkill() {
     let t = TempDir::new("crash");
     let dir = t.store();
     Store::open_with(&dir, crash_options()).unwrap();
-    let rounds = 20;
+    // `SNAPSHOT_CRASH_ROUNDS=200 SNAPSHOT_CRASH_SEED=7` for a longer, different run.
+    let env = |k: &str, d: u64| std::env::var(k).map_or(d, |v| v.parse().unwrap());
+    let rounds = env("SNAPSHOT_CRASH_ROUNDS", 20) as usize;
     let mut reported = Reported::default();
-    let mut x = 0x5eed_u64;
+    let mut x = env("SNAPSHOT_CRASH_SEED", 0x5eed);
     let mut total = 0;
     for round in 0..rounds {
         let mut child = crash_child_command(&dir, &format!("r{round}"))
