@@ -427,7 +427,8 @@ impl Store {
         self.shared.opts
     }
 
-    /// Starts a snapshot of `ram_size` bytes of guest RAM (a positive multiple of 4096) named
+    /// Starts a snapshot of `ram_size` bytes of guest RAM (a positive multiple of 4096, at most
+    /// 4 TiB) named
     /// `name` (1 to 200 of `[A-Za-z0-9._-]`, not starting with '.', not taken). The writer
     /// holds the store's lock shared until it is finished or dropped, so no gc runs meanwhile.
     pub fn writer(&self, name: &str, ram_size: u64) -> Result<SnapshotWriter, StoreError> {

@@ -95,7 +95,7 @@ pub enum StoreError {
     },
     /// a RAM size the store cannot hold
     #[error(
-        "RAM size {0} bytes is not a positive multiple of 4096 below 16 TiB; give the guest's RAM size in whole pages"
+        "RAM size {0} bytes is not a positive multiple of 4096 up to 4 TiB; give the guest's RAM size in whole pages"
     )]
     BadRamSize(u64),
     /// a page index past the end of guest RAM

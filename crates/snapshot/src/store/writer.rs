@@ -32,6 +32,9 @@ const FIRST_OBJECT: u32 = 2;
 /// A patch this small is kept without trying the compressor (which almost never gets a page
 /// that small), as the page store does.
 const SMALL_PATCH: usize = 256;
+/// The most pages a snapshot may have (4 TiB of RAM): object numbers (at most two per page,
+/// a page and a patch's base) then fit the page table's and the similarity index's 31 bits.
+const MAX_PAGES: u64 = 1 << 30;
 /// A patch this small ends the search for a better base.
 const TINY_PATCH: usize = 64;
 /// A compressed page is kept only if it saves at least 1/16 of a page; else raw, which reads
@@ -113,10 +116,7 @@ impl SnapshotWriter {
     pub(crate) fn new(shared: Arc<Shared>, name: &str, ram_size: u64) -> Result<Self, StoreError> {
         valid_name(name)?;
         let pages = ram_size / PAGE_SIZE as u64;
-        if ram_size == 0
-            || !ram_size.is_multiple_of(PAGE_SIZE as u64)
-            || pages > u64::from(u32::MAX)
-        {
+        if ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE as u64) || pages > MAX_PAGES {
             return Err(StoreError::BadRamSize(ram_size));
         }
         let lock = shared.lock(LockMode::Shared)?;
