@@ -428,9 +428,9 @@ impl Store {
     }
 
     /// Starts a snapshot of `ram_size` bytes of guest RAM (a positive multiple of 4096, at most
-    /// 4 TiB) named
-    /// `name` (1 to 200 of `[A-Za-z0-9._-]`, not starting with '.', not taken). The writer
-    /// holds the store's lock shared until it is finished or dropped, so no gc runs meanwhile.
+    /// 4 TiB) named `name` (1 to 200 of `[A-Za-z0-9._-]`, not starting with '.', not taken).
+    /// The writer holds the store's lock shared until it is finished or dropped, so no gc runs
+    /// meanwhile.
     pub fn writer(&self, name: &str, ram_size: u64) -> Result<SnapshotWriter, StoreError> {
         SnapshotWriter::new(self.shared.clone(), name, ram_size)
     }
