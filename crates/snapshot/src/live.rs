@@ -111,6 +111,9 @@ struct Live<'a> {
     armed: parking_lot::RwLock<bool>,
     /// Pages made writable again after the early arm, to protect again at the instant.
     dirty: Mutex<Vec<u32>>,
+    /// Set before guest RAM is let go: a fault still queued then was woken by the unregister,
+    /// and resolving it finds the range gone (ENOENT), which is no failure.
+    finishing: AtomicBool,
     failure: Mutex<Option<LiveError>>,
     copied_on_write: AtomicU64,
     missing: AtomicU64,
@@ -162,6 +165,7 @@ pub unsafe fn take<T>(
         stop: AtomicBool::new(false),
         armed: parking_lot::RwLock::new(false),
         dirty: Mutex::new(Vec::new()),
+        finishing: AtomicBool::new(false),
         failure: Mutex::new(None),
         copied_on_write: AtomicU64::new(0),
         missing: AtomicU64::new(0),
@@ -200,6 +204,7 @@ pub unsafe fn take<T>(
         })();
         // Whatever happened, the guest must run on: lift every protection (waking all
         // writers), then let go of guest RAM, then stop the handler.
+        live.finishing.store(true, Ordering::Release);
         let lifted = live.protect(0, pages, false);
         let unregistered = live.uffd.unregister(base, len as u64);
         live.stop.store(true, Ordering::Release);
@@ -326,6 +331,11 @@ impl Live<'_> {
     }
 
     fn fail(&self, e: LiveError) {
+        let gone = matches!(&e, LiveError::Uffd(pager::UffdError::Ioctl { source, .. })
+            if source.raw_os_error() == Some(libc::ENOENT));
+        if gone && self.finishing.load(Ordering::Acquire) {
+            return;
+        }
         let mut f = self.failure.lock();
         if f.is_none() {
             *f = Some(e);
