@@ -202,9 +202,34 @@ fn guests(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// Snapshots: four replay guests snapshotted live into one store, beside flat memory files
+/// and zstd; one restored lazily.
+fn snapshots() -> Result<()> {
+    use crate::bench_snapshot::{self, Bench};
+    heading(
+        "live snapshots of four guests replaying the same real Linux memory, kept in one \
+         store beside flat memory files and zstd; one restored lazily",
+    );
+    let b = Bench {
+        guests: 4,
+        set: crate::memimages::ImageSet::Homogeneous,
+        warmup: std::time::Duration::from_secs(1),
+        run_after: std::time::Duration::from_secs(1),
+        restores: 1,
+        big_ram: 0,
+        zstd_level: 3,
+        dir: std::env::temp_dir().join(format!("memvisor-demo-snap-{}", std::process::id())),
+    };
+    let r = bench_snapshot::run(&b, &mut |line| println!("{line}"))?;
+    print!("{}", bench_snapshot::table(&b, &r));
+    println!("(ten guests and a 1 GiB memtest: memvisor bench snapshot; docs/snapshots.md)");
+    Ok(())
+}
+
 /// Runs the demo.
 pub fn run(bench_pages: usize, seconds: u64) -> Result<()> {
     guests(seconds)?;
+    snapshots()?;
     let dir = std::env::temp_dir().join(format!("memvisor-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&dir, bench_pages);

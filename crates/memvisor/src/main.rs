@@ -210,7 +210,8 @@ enum Cmd {
         once: bool,
     },
     /// The main job, nothing to configure: four guests replaying real Linux memory under
-    /// memvisor's pager, live; then real programs' memory analyzed and benchmarked.
+    /// memvisor's pager, live; live snapshots of four more and a lazy restore; then real
+    /// programs' memory analyzed and benchmarked.
     Demo {
         /// Pages for the benchmark part (fewer is quicker).
         #[arg(long, default_value_t = 32768)]

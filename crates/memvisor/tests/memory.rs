@@ -88,7 +88,7 @@ fn stats_of_a_running_vm_then_a_clear_error_once_it_is_gone() {
     let err = String::from_utf8_lossy(&gone.stderr);
     assert!(!gone.status.success());
     assert!(
-        err.contains("cannot reach memvisor stats") && err.contains("exited"),
+        err.contains("cannot reach memvisor") && err.contains("exited"),
         "{err}"
     );
     let _ = std::fs::remove_file(&sock);
