@@ -202,18 +202,18 @@ fn guests(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-/// Snapshots: four replay guests snapshotted live into one store, beside flat memory files
+/// Snapshots: eight replay guests snapshotted live into one store, beside flat memory files
 /// and zstd; one restored lazily.
 fn snapshots() -> Result<()> {
     use crate::bench_snapshot::{self, Bench};
     heading(
-        "live snapshots of four guests replaying the same real Linux memory, kept in one \
+        "live snapshots of eight guests replaying the same real Linux memory, kept in one \
          store beside flat memory files and zstd; one restored lazily",
     );
     let b = Bench {
-        guests: 4,
+        guests: 8,
         set: crate::memimages::ImageSet::Homogeneous,
-        warmup: std::time::Duration::from_secs(1),
+        warmup: std::time::Duration::from_millis(500),
         run_after: std::time::Duration::from_secs(1),
         restores: 1,
         big_ram: 0,

@@ -210,7 +210,7 @@ enum Cmd {
         once: bool,
     },
     /// The main job, nothing to configure: four guests replaying real Linux memory under
-    /// memvisor's pager, live; live snapshots of four more and a lazy restore; then real
+    /// memvisor's pager, live; live snapshots of eight more and a lazy restore; then real
     /// programs' memory analyzed and benchmarked.
     Demo {
         /// Pages for the benchmark part (fewer is quicker).
