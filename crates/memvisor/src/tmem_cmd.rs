@@ -132,9 +132,11 @@ pub(crate) fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Waits until a server accepts connections on `p` (its socket file appears at bind(), a
+/// moment before listen(), and a connect in between is refused).
 fn wait_socket(p: &Path, what: &str) -> Result<()> {
     let start = Instant::now();
-    while !p.exists() {
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
         if start.elapsed() > Duration::from_secs(10) {
             bail!("{what} did not come up at {}", p.display());
         }

@@ -18,9 +18,11 @@ impl Drop for Killed {
     }
 }
 
+/// Waits until a server accepts connections on `p` (the file appears a moment before it
+/// listens).
 fn wait_for(p: &Path) {
     let start = Instant::now();
-    while !p.exists() {
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
         assert!(start.elapsed() < Duration::from_secs(10), "{}", p.display());
         std::thread::sleep(Duration::from_millis(10));
     }

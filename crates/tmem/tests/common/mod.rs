@@ -36,12 +36,14 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// Waits until the server accepts connections on `path`: the socket file appears at bind(),
+/// a moment before listen(), and a connect in between is refused.
 fn wait_for(path: &std::path::Path, what: &str) {
     let start = Instant::now();
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "{what} did not create {}; is it installed (see .ci/run)?",
+            "{what} did not listen on {}; is it installed (see .ci/run)?",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(10));
