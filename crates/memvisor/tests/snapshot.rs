@@ -38,6 +38,39 @@ fn wait_for(path: &Path) {
     assert!(path.exists(), "{} never appeared", path.display());
 }
 
+/// Starts `memvisor run ARGS --control-socket SOCK` and waits for its socket; the console is
+/// kept (piped) when `keep` is set.
+fn start_vm(args: &[&str], sock: &Path, keep: bool) -> std::process::Child {
+    let out = || if keep { Stdio::piped() } else { Stdio::null() };
+    let vm = bin()
+        .arg("run")
+        .args(args)
+        .args(["--control-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap();
+    wait_for(sock);
+    vm
+}
+
+/// `memvisor snapshot take --vm SOCK --store STORE EXTRA... NAME`.
+fn take_cmd(sock: &Path, store: &str, extra: &[&str], name: &str) -> Command {
+    let mut c = bin();
+    c.args([
+        "snapshot",
+        "take",
+        "--vm",
+        sock.to_str().unwrap(),
+        "--store",
+        store,
+    ])
+    .args(extra)
+    .arg(name);
+    c
+}
+
 fn restored_ok(o: &Output) {
     let t = text(o);
     assert!(o.status.success(), "{t}");
@@ -50,27 +83,10 @@ fn memtest_snapshotted_live_mid_run_equals_its_twin_and_restores_three_ways() {
     let dir = scratch("memtest");
     let (store, sock) = (dir.join("store"), dir.join("vm.sock"));
     let s = store.to_str().unwrap();
-    let vm = bin()
-        .args(["run", "--guest", "memtest", "--memory", "512M"])
-        .args(["--control-socket", sock.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let vm = start_vm(&["--guest", "memtest", "--memory", "512M"], &sock, true);
+    let take = take_cmd(&sock, s, &["--reference", "twin", "--json"], "live")
+        .output()
         .unwrap();
-    wait_for(&sock);
-    let take = memvisor(&[
-        "snapshot",
-        "take",
-        "--vm",
-        sock.to_str().unwrap(),
-        "--store",
-        s,
-        "--reference",
-        "twin",
-        "--json",
-        "live",
-    ]);
     let out = vm.wait_with_output().unwrap();
     assert!(take.status.success(), "{}", text(&take));
     assert!(text(&out).contains("memtest: ok"), "{}", text(&out));
@@ -165,15 +181,7 @@ fn snapshot_commands_fail_with_clear_errors() {
     let s = dir.join("store");
     let s = s.to_str().unwrap();
     let gone = dir.join("nothing.sock");
-    let o = memvisor(&[
-        "snapshot",
-        "take",
-        "--vm",
-        gone.to_str().unwrap(),
-        "--store",
-        s,
-        "x",
-    ]);
+    let o = take_cmd(&gone, s, &[], "x").output().unwrap();
     assert!(
         !o.status.success() && text(&o).contains("cannot reach memvisor"),
         "{}",
@@ -197,26 +205,12 @@ fn snapshot_commands_fail_with_clear_errors() {
 
     // A VM under the pager cannot be snapshotted: the pager owns its userfaultfd.
     let sock = dir.join("vm.sock");
-    let mut vm = bin()
-        .args([
-            "run", "--guest", "idle", "--memory", "32M", "--policy", "full",
-        ])
-        .args(["--control-socket", sock.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&sock);
-    let o = memvisor(&[
-        "snapshot",
-        "take",
-        "--vm",
-        sock.to_str().unwrap(),
-        "--store",
-        s,
-        "x",
-    ]);
+    let mut vm = start_vm(
+        &["--guest", "idle", "--memory", "32M", "--policy", "full"],
+        &sock,
+        false,
+    );
+    let o = take_cmd(&sock, s, &[], "x").output().unwrap();
     let _ = vm.kill();
     let _ = vm.wait();
     assert!(
@@ -259,29 +253,9 @@ fn kill_9_of_a_vm_mid_snapshot_leaves_a_store_that_fsck_passes_and_restores() {
     let dir = scratch("kill");
     let store = dir.join("store");
     let s = store.to_str().unwrap();
-    let start = |sock: &Path| {
-        let vm = bin()
-            .args(["run", "--guest", "memtest", "--memory", "512M"])
-            .args(["--control-socket", sock.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(sock);
-        vm
-    };
+    let start = |sock: &Path| start_vm(&["--guest", "memtest", "--memory", "512M"], sock, false);
     let take = |sock: &Path, name: &str| {
-        bin()
-            .args([
-                "snapshot",
-                "take",
-                "--vm",
-                sock.to_str().unwrap(),
-                "--store",
-                s,
-                name,
-            ])
+        take_cmd(sock, s, &[], name)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

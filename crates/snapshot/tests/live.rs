@@ -3,6 +3,8 @@
 
 #![allow(clippy::cast_possible_truncation)] // page counts and random draws in tests
 
+mod common;
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -48,20 +50,8 @@ unsafe impl Sync for Map {}
 
 impl Map {
     fn new(len: usize) -> Map {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
         Map {
-            ptr: ptr.cast(),
+            ptr: common::map(len),
             len,
         }
     }

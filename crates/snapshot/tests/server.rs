@@ -6,6 +6,9 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+mod common;
+
+use common::map;
 use pager::uffd::{Modes, Uffd};
 use snapshot::server::{self, Mapping, ServerError};
 use snapshot::{BoxError, PAGE, PageSource};
@@ -40,22 +43,6 @@ impl PageSource for Pattern {
     fn order(&self) -> &[u32] {
         &self.order
     }
-}
-
-fn map(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping, checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
 }
 
 /// The VMM's side: a mapping registered for missing faults, handed over on `conn`.
