@@ -257,8 +257,15 @@ pub fn restore<W: std::io::Write + Send>(
     };
     std::thread::scope(|s| {
         let served = theirs.map(|b| {
-            let (snap, stop) = (&snap, &stop);
-            s.spawn(move || server::serve(snap, &b, stop))
+            let (snap, stop, control) = (&snap, &stop, Arc::clone(control));
+            s.spawn(move || {
+                let r = server::serve(snap, &b, stop);
+                // Nothing else serves this VM's memory: its next fault would wait forever.
+                if let Err(e) = &r {
+                    control.abort(format!("the page server failed: {e}"));
+                }
+                r
+            })
         });
         server::send_handshake(&conn, &[mapping], uffd.as_fd())?;
         // An external server that goes away leaves the guest's faults unserved: end the VM

@@ -294,3 +294,28 @@ fn kill_9_of_a_vm_mid_snapshot_leaves_a_store_that_fsck_passes_and_restores() {
     restored_ok(&memvisor(&["restore", "--store", s, "before"]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_damaged_store_ends_the_restored_vm_with_the_reason_instead_of_hanging() {
+    let dir = scratch("damaged");
+    let (store, sock) = (dir.join("store"), dir.join("vm.sock"));
+    let s = store.to_str().unwrap();
+    let vm = start_vm(&["--guest", "memtest", "--memory", "256M"], &sock, false);
+    let t = take_cmd(&sock, s, &["--paused"], "snap").output().unwrap();
+    let _ = vm.wait_with_output();
+    assert!(t.status.success(), "{}", text(&t));
+    // Flip a byte in the middle of the records of every pack.
+    for e in std::fs::read_dir(store.join("packs")).unwrap() {
+        let p = e.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let mid = bytes.len() / 3;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let t0 = Instant::now();
+    let o = memvisor(&["restore", "--store", s, "snap"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("corrupt") && text(&o).contains("fsck"), "{}", text(&o));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+}
