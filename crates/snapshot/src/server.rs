@@ -65,7 +65,9 @@ pub struct Mapping {
     pub size: u64,
     /// where it starts in the snapshot's memory
     pub offset: u64,
-    /// its page size in bytes (4096: huge pages are not served)
+    /// its page size in bytes (4096: huge pages are not served); a message with only
+    /// `page_size_kib` is taken by that
+    #[serde(default)]
     pub page_size: u64,
     /// Firecracker's older name for the page size (in bytes)
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,13 +141,15 @@ pub fn check_mappings(mappings: &[Mapping], pages: u64) -> Result<(), ServerErro
     }
     let page = PAGE as u64;
     for (i, m) in mappings.iter().enumerate() {
-        if m.page_size != page {
+        let size = if m.page_size == 0 {
+            m.page_size_kib.unwrap_or(0)
+        } else {
+            m.page_size
+        };
+        if size != page {
             return bad(
                 i,
-                &format!(
-                    "page_size is {}; only 4096-byte pages are served",
-                    m.page_size
-                ),
+                &format!("page_size is {size}; only 4096-byte pages are served"),
             );
         }
         if m.size == 0 || !m.size.is_multiple_of(page) {

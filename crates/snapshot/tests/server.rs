@@ -157,6 +157,9 @@ fn hostile_handshakes_get_errors_not_panics() {
     assert!(e.to_string().contains("runs past"), "{e}");
     let huge = br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":2097152}]"#;
     assert!(try_msg(huge, true).to_string().contains("page_size"));
+    // Only Firecracker's older field, with a huge page: still refused, by that field.
+    let kib = br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":2097152}]"#;
+    assert!(try_msg(kib, true).to_string().contains("2097152"));
     let overlap = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096},{"base_host_virt_addr":8192,"size":4096,"offset":0,"page_size":4096}]"#;
     assert!(try_msg(overlap, true).to_string().contains("overlaps"));
     let wrap = br#"[{"base_host_virt_addr":18446744073709547520,"size":8192,"offset":0,"page_size":4096}]"#;
