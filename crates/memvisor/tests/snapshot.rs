@@ -315,7 +315,11 @@ fn a_damaged_store_ends_the_restored_vm_with_the_reason_instead_of_hanging() {
     let t0 = Instant::now();
     let o = memvisor(&["restore", "--store", s, "snap"]);
     assert!(!o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("corrupt") && text(&o).contains("fsck"), "{}", text(&o));
+    assert!(
+        text(&o).contains("corrupt") && text(&o).contains("fsck"),
+        "{}",
+        text(&o)
+    );
     assert!(t0.elapsed() < Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&dir);
 }
