@@ -119,6 +119,7 @@ fn take(vm: &Vm, control: &Arc<Control>, store: &Path, name: &str) -> Result<Tak
         len,
         control: Arc::clone(control),
         busy: None,
+        no_live: None,
     };
     snap::take(
         &handle,

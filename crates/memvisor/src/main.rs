@@ -818,6 +818,11 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
                 mem.policy.name()
             )
         }),
+        // KSM merges pages by replacing them, which need not keep userfaultfd's
+        // write-protect bit: a write after the snapshot's instant could slip into it.
+        no_live: matches!(mem.policy, memory::Policy::Ksm).then(|| {
+            "KSM (--policy ksm) may merge a write-protected page and drop its protection".into()
+        }),
     };
     let for_socket = pager.as_ref().map(|(pg, _)| std::sync::Arc::clone(pg));
     let _control_server = memory::ControlServer::start(&path, move |req| {

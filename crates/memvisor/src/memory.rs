@@ -280,16 +280,44 @@ impl ControlServer {
 /// One request: a line of JSON in, one JSON answer out. A client that sends nothing within
 /// a second, or garbage, gets an error answer; nothing it sends can stop the server.
 fn serve_request(mut s: UnixStream, handle: &impl Fn(&serde_json::Value) -> serde_json::Value) {
-    use std::io::BufRead;
     let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut line = String::new();
-    let read = std::io::BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line);
-    let answer = match read
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<serde_json::Value>(&line).map_err(|e| e.to_string()))
-    {
+    // One second for the whole line, however slowly it trickles in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break Err("no whole request line within a second".to_string());
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                line.extend_from_slice(&buf[..n]);
+                if line.contains(&b'\n') {
+                    break Ok(());
+                }
+                if line.len() as u64 > MAX_REQUEST {
+                    break Err("request longer than 64 KiB".to_string());
+                }
+            }
+            // The timeout: the deadline check above ends it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let answer = match read.and_then(|()| {
+        let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+        serde_json::from_slice::<serde_json::Value>(&line[..end]).map_err(|e| e.to_string())
+    }) {
         Ok(req) => handle(&req),
         Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
     };
@@ -352,6 +380,8 @@ pub fn control_request(target: Option<&str>, req: &serde_json::Value) -> Result<
             path.display()
         )
     })?;
+    // A snapshot of a large VM takes seconds; a VM that answers nothing for minutes is stuck.
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)

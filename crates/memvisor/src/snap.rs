@@ -53,6 +53,8 @@ pub struct VmHandle {
     /// why snapshots cannot be taken of this VM (a pager or a page server owns guest RAM's
     /// userfaultfd), if so
     pub busy: Option<String>,
+    /// why only a paused snapshot can be taken of this VM, if so
+    pub no_live: Option<String>,
 }
 
 // SAFETY: the pointer is guest RAM, mapped for as long as the VM (which outlives the control
@@ -112,6 +114,9 @@ pub fn take(vm: &VmHandle, req: &TakeRequest) -> Result<TakeReport> {
     let t0 = Instant::now();
     if let Some(why) = &vm.busy {
         bail!("cannot snapshot this VM: {why}");
+    }
+    if let (false, Some(why)) = (req.paused, &vm.no_live) {
+        bail!("cannot snapshot this VM live: {why}; take a paused snapshot (--paused)");
     }
     let store = open_store(&req.store)?;
     let before = store.du()?.total_bytes;
@@ -225,6 +230,7 @@ pub fn restore<W: std::io::Write + Send>(
                      restoring, or restore its snapshot's clone)"
                         .into(),
                 ),
+                no_live: None,
             };
             crate::memory::ControlServer::start(path, move |req| {
                 crate::control_answer(req, &handle, None)
@@ -259,11 +265,22 @@ pub fn restore<W: std::io::Write + Send>(
         let served = theirs.map(|b| {
             let (snap, stop, control) = (&snap, &stop, Arc::clone(control));
             s.spawn(move || {
-                let r = server::serve(snap, &b, stop);
-                // Nothing else serves this VM's memory: its next fault would wait forever.
-                if let Err(e) = &r {
-                    control.abort(format!("the page server failed: {e}"));
+                // Nothing else serves this VM's memory: however the server ends early (an
+                // error, a panic), the VM must end too, or its next fault waits forever.
+                struct AbortOnDrop(Arc<vmm::Control>, Option<String>);
+                impl Drop for AbortOnDrop {
+                    fn drop(&mut self) {
+                        if let Some(why) = self.1.take() {
+                            self.0.abort(why);
+                        }
+                    }
                 }
+                let mut guard = AbortOnDrop(control, Some("the page server panicked".into()));
+                let r = server::serve(snap, &b, stop);
+                guard.1 = r
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("the page server failed: {e}"));
                 r
             })
         });
@@ -304,7 +321,7 @@ fn watch_server(conn: &UnixStream, control: &vmm::Control, stop: &AtomicBool) {
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: conn.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
+            events: libc::POLLRDHUP,
             revents: 0,
         };
         // SAFETY: one valid pollfd, for the length given.

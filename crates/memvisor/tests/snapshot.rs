@@ -84,6 +84,8 @@ fn memtest_snapshotted_live_mid_run_equals_its_twin_and_restores_three_ways() {
     let (store, sock) = (dir.join("store"), dir.join("vm.sock"));
     let s = store.to_str().unwrap();
     let vm = start_vm(&["--guest", "memtest", "--memory", "512M"], &sock, true);
+    // Let memtest write some of its RAM first (it runs about a second).
+    std::thread::sleep(Duration::from_millis(200));
     let take = take_cmd(&sock, s, &["--reference", "twin", "--json"], "live")
         .output()
         .unwrap();
@@ -211,6 +213,19 @@ fn snapshot_commands_fail_with_clear_errors() {
         false,
     );
     let o = take_cmd(&sock, s, &[], "x").output().unwrap();
+    // A client that trickles its request in never holds the control socket past a second.
+    let t0 = Instant::now();
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    for part in [&b"{\"op\""[..], b":", b"\"st", b"ats\""] {
+        use std::io::Write;
+        let _ = c.write_all(part);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let mut answer = String::new();
+    use std::io::Read;
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.contains("within a second"), "{answer}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
     let _ = vm.kill();
     let _ = vm.wait();
     assert!(

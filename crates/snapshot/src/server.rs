@@ -213,6 +213,9 @@ pub fn serve(
     conn: &UnixStream,
     stop: &AtomicBool,
 ) -> Result<ServeReport, ServerError> {
+    // A VMM that connects and says nothing must not hold a server thread for ever.
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(ServerError::Socket)?;
     let (mappings, fd) = recv_handshake(conn)?;
     check_mappings(&mappings, source.pages())?;
     let peer = peer_pidfd(conn)?;
@@ -232,7 +235,13 @@ pub fn serve(
         hist: Histogram::default(),
         start: Instant::now(),
     };
-    s.run(peer.as_ref(), stop)?;
+    match s.run(peer.as_ref(), stop) {
+        // The VM's memory went away under a copy (the VMM exited or unmapped it): its end,
+        // not a failure of the session.
+        Err(ServerError::Uffd(pager::UffdError::Ioctl { source, .. }))
+            if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)) => {}
+        r => r?,
+    }
     s.report.fault = s.hist.summary();
     Ok(s.report)
 }
