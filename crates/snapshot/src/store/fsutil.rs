@@ -96,6 +96,17 @@ pub(crate) enum LockMode {
     Exclusive,
 }
 
+/// Opens (creating if missing) the file a lock is taken on.
+fn open_lock_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .ctx("open lock file", path)
+}
+
 /// Takes `path`'s lock, retrying for up to `wait`, else [`StoreError::Busy`].
 pub(crate) fn lock(
     path: &Path,
@@ -103,13 +114,7 @@ pub(crate) fn lock(
     wait: Duration,
     store: &Path,
 ) -> Result<Lock, StoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx("open lock file", path)?;
+    let file = open_lock_file(path)?;
     let op = match mode {
         LockMode::Shared => libc::LOCK_SH,
         LockMode::Exclusive => libc::LOCK_EX,
@@ -138,13 +143,7 @@ pub(crate) fn lock(
 /// Takes `path`'s lock exclusively, waiting as long as it takes: the short critical sections
 /// around snapshot names (publish, remove, clone).
 pub(crate) fn lock_blocking(path: &Path) -> Result<Lock, StoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx("open lock file", path)?;
+    let file = open_lock_file(path)?;
     flock(&file, libc::LOCK_EX).ctx("lock", path)?;
     Ok(Lock { _file: file })
 }
