@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 /// Objects are rounded up to this.
 const GRAIN: usize = 8;
 /// Bytes per chunk: small, because each shard has one partly filled.
-const CHUNK: usize = 16 << 10;
+pub(crate) const CHUNK: usize = 16 << 10;
 
 /// Names an object in an [`Arena`]: its offset in grains (so 32 GiB per arena).
 pub(crate) type Handle = u32;

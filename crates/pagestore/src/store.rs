@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
-use parking_lot::RwLock;
+use std::collections::VecDeque;
+
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -31,6 +33,8 @@ const MAX_SLOTS: usize = 1 << SLOT_BITS;
 const GEN_BITS: u32 = 29;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const NO_SLOT: u32 = u32::MAX;
+/// Tag bit of a whole page not yet in the similarity index (deferred, not settled).
+const UNINDEXED: u32 = 1 << 31;
 /// Bytes in front of a patch naming its reference page.
 const REF_BYTES: usize = 4;
 thread_local! {
@@ -171,7 +175,7 @@ enum Form {
 
 impl Form {
     fn from_tag(tag: u32) -> Form {
-        match tag >> GEN_BITS {
+        match (tag >> GEN_BITS) & 3 {
             1 => Form::Patched,
             2 => Form::Compressed,
             3 => Form::Raw,
@@ -200,7 +204,7 @@ struct Entry {
     hash: u32,
     /// References handed out by inserts and not yet removed.
     owners: u32,
-    /// Form (3 bits) and generation (29 bits).
+    /// Not-indexed flag (1 bit), form (2 bits) and generation (29 bits).
     tag: u32,
     /// Payload bytes.
     len: u16,
@@ -216,6 +220,11 @@ impl Entry {
 
     fn generation(&self) -> u32 {
         self.tag & GEN_MASK
+    }
+
+    /// In the similarity index, if a whole page (every whole page is, once settled).
+    fn indexed(&self) -> bool {
+        self.tag & UNINDEXED == 0
     }
 
     fn holds(&self, id: PageId) -> bool {
@@ -291,7 +300,13 @@ impl Shard {
         }
     }
 
-    fn alloc(&mut self, form: Form, hash: u32, payload: &[u8]) -> Result<(usize, u32), StoreError> {
+    fn alloc(
+        &mut self,
+        form: Form,
+        hash: u32,
+        payload: &[u8],
+        flags: u32,
+    ) -> Result<(usize, u32), StoreError> {
         if self.free_head == NO_SLOT && self.entries.len() >= MAX_SLOTS {
             return Err(StoreError::Full);
         }
@@ -322,7 +337,7 @@ impl Shard {
             handle,
             hash,
             owners: 1,
-            tag: ((form as u32) << GEN_BITS) | generation,
+            tag: ((form as u32) << GEN_BITS) | generation | flags,
             len: u16::try_from(payload.len()).expect("payload is at most a page"),
             deps: 0,
         };
@@ -341,7 +356,7 @@ impl Shard {
         let (form, len) = (e.form(), usize::from(e.len));
         let freed = match form {
             Form::Patched => Freed::Patch(patch_ref(&self.payload(e))),
-            _ if keys => Freed::Whole {
+            _ if keys && e.indexed() => Freed::Whole {
                 loc: loc(shard, slot),
                 form,
                 payload: self.payload(e).into_owned(),
@@ -387,6 +402,66 @@ impl Shard {
         if e.owners == 1 {
             c.live += 1; // a reference-only page is wanted again
         }
+    }
+
+    /// Holds the whole page in `slot` as `form` with `payload` instead, in place: its id,
+    /// owners, deps and hash stay, and it counts as settled. False (and nothing changed) if
+    /// the arena is full.
+    fn reform(&mut self, slot: usize, form: Form, payload: &[u8]) -> bool {
+        let (old, handle, len) = {
+            let e = &self.entries[slot];
+            (e.form(), e.handle, usize::from(e.len))
+        };
+        // The new payload is smaller than the old, so the arena has room for it: allocate
+        // before freeing, so the page is held throughout.
+        let Ok(h) = self.arena.alloc(payload) else {
+            return false;
+        };
+        self.arena.free(handle, len);
+        let e = &mut self.entries[slot];
+        let (owners, live) = (u64::from(e.owners), u64::from(e.owners > 0));
+        e.handle = h;
+        e.len = u16::try_from(payload.len()).expect("payload is at most a page");
+        // Settled: a patch is never indexed, and the caller indexes a whole page.
+        e.tag = ((form as u32) << GEN_BITS) | e.generation();
+        for (f, sign, bytes) in [(old, -1i64, len), (form, 1, payload.len())] {
+            let c = &mut self.counts[f.ix()];
+            let apply = |v: &mut u64, by: u64| {
+                *v = if sign > 0 { *v + by } else { *v - by };
+            };
+            apply(&mut c.stored, 1);
+            apply(&mut c.live, live);
+            apply(&mut c.owners, owners);
+            apply(&mut c.payload, bytes as u64);
+        }
+        true
+    }
+
+    /// Copies every payload, in arena order, into a fresh arena with no free space but the
+    /// newest chunk's end; returns the bytes of chunks given back.
+    fn compact(&mut self) -> usize {
+        let mut live: Vec<(Handle, u32)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.form() != Form::Free)
+            .map(|(slot, e)| (e.handle, slot32(slot)))
+            .collect();
+        live.sort_unstable();
+        let mut fresh = Arena::default();
+        let mut buf = [0u8; PAGE_SIZE];
+        for (h, slot) in live {
+            let e = &mut self.entries[slot as usize];
+            let bytes = &mut buf[..usize::from(e.len)];
+            self.arena.copy_to(h, bytes);
+            // The fresh arena holds less than the old one did, so its handles fit.
+            e.handle = fresh
+                .alloc(bytes)
+                .expect("a compacted arena fits its old space");
+        }
+        let before = self.arena.capacity();
+        self.arena = fresh;
+        before - self.arena.capacity()
     }
 
     /// Bookkeeping bytes: entries, the sharing table, the arena's own lists.
@@ -456,6 +531,9 @@ pub struct Stats {
     /// Arena bytes holding no payload: rounding to 16 bytes, freed objects not yet reused,
     /// the unused end of the newest chunk.
     pub slack_bytes: u64,
+    /// Pages stored raw by [`PageStore::insert_deferred`] that [`PageStore::settle`] has not
+    /// encoded yet (counted in `raw` meanwhile).
+    pub pending_pages: u64,
 }
 
 impl Stats {
@@ -517,6 +595,8 @@ pub struct PageStore {
     shards: Box<[RwLock<Shard>]>,
     sim: Option<SimilarityIndex>,
     zero: AtomicU64,
+    /// Ids stored raw by `insert_deferred`, oldest first, for `settle` to encode.
+    pending: Mutex<VecDeque<PageId>>,
 }
 
 impl PageStore {
@@ -528,6 +608,7 @@ impl PageStore {
             sim: cfg.patch.map(|p| SimilarityIndex::new(&p.similarity)),
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
             zero: AtomicU64::new(0),
+            pending: Mutex::new(VecDeque::new()),
             cfg,
         })
     }
@@ -555,42 +636,15 @@ impl PageStore {
         page: &Page,
         compression: Compression,
     ) -> Result<(PageId, Outcome), StoreError> {
-        if is_zero(page) {
-            self.zero.fetch_add(1, Ordering::Relaxed);
-            return Ok((PageId::ZERO, Outcome::Zero));
-        }
-        let (si, h32) = hash_parts(xxh3_64(page));
-        if let Some(id) = self.find_duplicate(si, h32, page)? {
-            let mut sh = self.shards[si].write();
-            let slot = split(id.loc()).1;
-            let e = &sh.entries[slot];
-            // It may have gone between the lookup and this lock: then store it anew.
-            if e.form() != Form::Free && e.generation() == id.generation() {
-                sh.add_owner(slot);
-                return Ok((id, Outcome::Shared));
-            }
-        }
-
+        let (si, h32) = match self.existing(page)? {
+            Ok(found) => return Ok(found),
+            Err(parts) => parts,
+        };
         let keys = self.sim.as_ref().map(|s| s.keys(page));
-        let patch = self.try_patch(page, keys.as_ref());
+        let patch = self.try_patch(page, keys.as_ref(), None);
         COMPRESSED.with_borrow_mut(|cbuf| {
-            // A small patch is kept without trying the compressor: LZ4 rarely gets a page that
-            // small, and skipping it halves the cost of a patched insert.
-            let clen = match (&patch, self.cfg.max_compressed) {
-                (_, 0) => None,
-                (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
-                (_, max) => compression.compress(page, cbuf).filter(|&n| n <= max),
-            };
-            let (form, payload, reference): (Form, &[u8], _) = match (&patch, clen) {
-                (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {
-                    self.unpin(*r);
-                    (Form::Compressed, &cbuf[..n], None)
-                }
-                (Some((r, p)), _) => (Form::Patched, p, Some(*r)),
-                (None, Some(n)) => (Form::Compressed, &cbuf[..n], None),
-                (None, None) => (Form::Raw, page, None),
-            };
-            let done = self.commit(si, h32, page, form, payload);
+            let (form, payload, reference) = self.choose(page, patch.as_ref(), compression, cbuf);
+            let done = self.commit(si, h32, page, form, payload, 0);
             if let (Some(r), Ok((_, Outcome::Shared)) | Err(_)) = (reference, &done) {
                 self.unpin(r);
             }
@@ -604,6 +658,193 @@ impl PageStore {
         })
     }
 
+    /// Stores `page` at the cost of a copy: zero and identical pages are found as by
+    /// [`PageStore::insert`], but a new page is kept raw and queued, and patching and
+    /// compression wait for [`PageStore::settle`]. For callers that must answer fast and
+    /// have idle time later (a server taking a burst of puts). The id is final: settling
+    /// changes how the page is held, never its id or its bytes.
+    pub fn insert_deferred(&self, page: &Page) -> Result<(PageId, Outcome), StoreError> {
+        let (si, h32) = match self.existing(page)? {
+            Ok(found) => return Ok(found),
+            Err(parts) => parts,
+        };
+        // Indexed when settled, not now: settled in order, each page then looks for a
+        // reference among the pages settled before it, as inserts in that order would.
+        let done = self.commit(si, h32, page, Form::Raw, page, UNINDEXED)?;
+        if done.1 == Outcome::Raw {
+            self.pending.lock().push_back(done.0);
+        }
+        Ok(done)
+    }
+
+    /// Encodes up to `max` pages that [`PageStore::insert_deferred`] kept raw, oldest first,
+    /// as an insert would have (patch or compress with the store's compressor); pages
+    /// removed meanwhile are skipped. Returns how many were taken off the queue.
+    pub fn settle(&self, max: usize) -> Result<usize, StoreError> {
+        let mut taken = 0;
+        while taken < max {
+            let Some(id) = self.pending.lock().pop_front() else {
+                break;
+            };
+            taken += 1;
+            self.reencode(id, self.cfg.compression)?;
+        }
+        Ok(taken)
+    }
+
+    /// Pages inserted deferred and not settled yet.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().len()
+    }
+
+    /// Holds a stored whole page anew, in place: as a patch against a similar page or
+    /// compressed with `compression`, whichever is smallest, if that is smaller than what
+    /// holds it now. Its id and bytes stay. For pages that have gone cold (LZ4 at reclaim,
+    /// zstd later) and for [`PageStore::settle`]. Returns the new outcome, or `None` when
+    /// nothing smaller was found or the page is gone, is a patch, or changed meanwhile.
+    pub fn reencode(
+        &self,
+        id: PageId,
+        compression: Compression,
+    ) -> Result<Option<Outcome>, StoreError> {
+        if id == PageId::ZERO {
+            return Ok(None);
+        }
+        let (si, slot) = split(id.loc());
+        let mut page = [0u8; PAGE_SIZE];
+        let (old_form, old_len, deps, indexed) = {
+            let sh = self.shards[si].read();
+            let Some(e) = sh.entries.get(slot).filter(|e| e.holds(id)) else {
+                return Ok(None);
+            };
+            if !e.form().is_reference() {
+                return Ok(None);
+            }
+            sh.decode(e, self.cfg, &mut page)
+                .map_err(|err| StoreError::CorruptCompressed(id, err))?;
+            (e.form(), e.len, e.deps, e.indexed())
+        };
+        let keys = self.sim.as_ref().map(|s| s.keys(&page));
+        // A page others patch against stays whole; none patches against itself.
+        let patch = if deps == 0 {
+            self.try_patch(&page, keys.as_ref(), Some(id.loc()))
+        } else {
+            None
+        };
+        COMPRESSED.with_borrow_mut(|cbuf| {
+            let (form, payload, reference) = self.choose(&page, patch.as_ref(), compression, cbuf);
+            let smaller = payload.len() < usize::from(old_len);
+            let mut sh = self.shards[si].write();
+            let e = &sh.entries[slot];
+            let same = e.holds(id) && e.form() == old_form && e.len == old_len;
+            let changed = same
+                && smaller
+                && (form != Form::Patched || e.deps == 0)
+                && sh.reform(slot, form, payload);
+            let whole = if changed { form } else { old_form };
+            if same && !indexed && whole.is_reference() {
+                // Settled whole: a reference for the pages settled after it.
+                sh.entries[slot].tag &= !UNINDEXED;
+                if let (Some(sim), Some(keys)) = (&self.sim, &keys) {
+                    sim.insert(keys, id.loc());
+                }
+            }
+            if let (true, true, Form::Patched, Some(sim), Some(keys)) =
+                (changed, indexed, form, &self.sim, &keys)
+            {
+                sim.remove(keys, id.loc()); // a patch is no reference
+            }
+            drop(sh);
+            if !changed {
+                if let Some(r) = reference {
+                    self.unpin(r);
+                }
+                return Ok(None);
+            }
+            Ok(Some(match form {
+                Form::Patched => Outcome::Patched {
+                    bytes: payload.len() - REF_BYTES,
+                },
+                _ => Outcome::Compressed {
+                    bytes: payload.len(),
+                },
+            }))
+        })
+    }
+
+    /// Zero, or a stored duplicate given one more owner: the insert is done. Else the
+    /// shard and hash the page goes to.
+    #[allow(clippy::type_complexity)]
+    fn existing(&self, page: &Page) -> Result<Result<(PageId, Outcome), (usize, u32)>, StoreError> {
+        if is_zero(page) {
+            self.zero.fetch_add(1, Ordering::Relaxed);
+            return Ok(Ok((PageId::ZERO, Outcome::Zero)));
+        }
+        let (si, h32) = hash_parts(xxh3_64(page));
+        if let Some(id) = self.find_duplicate(si, h32, page)? {
+            let mut sh = self.shards[si].write();
+            let slot = split(id.loc()).1;
+            let e = &sh.entries[slot];
+            // It may have gone between the lookup and this lock: then store it anew.
+            if e.form() != Form::Free && e.generation() == id.generation() {
+                sh.add_owner(slot);
+                return Ok(Ok((id, Outcome::Shared)));
+            }
+        }
+        Ok(Err((si, h32)))
+    }
+
+    /// The smallest of the patch (if any), the page compressed into `cbuf`, and the raw page;
+    /// a patch not chosen is unpinned. Returns the form, its payload and a chosen patch's
+    /// (pinned) reference.
+    fn choose<'a>(
+        &self,
+        page: &'a Page,
+        patch: Option<&'a (Loc, Vec<u8>)>,
+        compression: Compression,
+        cbuf: &'a mut [u8; MAX_COMPRESSED],
+    ) -> (Form, &'a [u8], Option<Loc>) {
+        // A small patch is kept without trying the compressor: LZ4 rarely gets a page that
+        // small, and skipping it halves the cost of a patched insert.
+        let clen = match (patch, self.cfg.max_compressed) {
+            (_, 0) => None,
+            (Some((_, p)), _) if p.len() - REF_BYTES <= SURE_PATCH => None,
+            (_, max) => compression.compress(page, cbuf).filter(|&n| n <= max),
+        };
+        match (patch, clen) {
+            (Some((r, p)), Some(n)) if n <= p.len() - REF_BYTES => {
+                self.unpin(*r);
+                (Form::Compressed, &cbuf[..n], None)
+            }
+            (Some((r, p)), _) => (Form::Patched, p, Some(*r)),
+            (None, Some(n)) => (Form::Compressed, &cbuf[..n], None),
+            (None, None) => (Form::Raw, page, None),
+        }
+    }
+
+    /// Moves each shard's payloads end to end, giving whole arena chunks back, where freed
+    /// space not yet reused has grown past `min_unused` (a fraction) of the shard's arena
+    /// and past two chunks. A shard is locked for the copy of its own payloads only.
+    /// Returns the bytes given back. The allocator may keep them until `malloc_trim`.
+    pub fn compact(&self, min_unused: f64) -> usize {
+        let mut freed = 0;
+        for s in self.shards.iter() {
+            let wasteful = |sh: &Shard| {
+                let unused = sh.arena.unused_bytes();
+                unused >= 2 * arena::CHUNK
+                    && unused as f64 >= min_unused * sh.arena.capacity() as f64
+            };
+            if !wasteful(&s.read()) {
+                continue;
+            }
+            let mut sh = s.write();
+            if wasteful(&sh) {
+                freed += sh.compact();
+            }
+        }
+        freed
+    }
+
     /// Stores the chosen form, unless an identical page was stored meanwhile.
     fn commit(
         &self,
@@ -612,6 +853,7 @@ impl PageStore {
         page: &Page,
         form: Form,
         payload: &[u8],
+        flags: u32,
     ) -> Result<(PageId, Outcome), StoreError> {
         let mut sh = self.shards[si].write();
         // An identical page may have been stored while this one was being encoded.
@@ -622,7 +864,7 @@ impl PageStore {
                 Outcome::Shared,
             ));
         }
-        let (slot, generation) = sh.alloc(form, h32, payload)?;
+        let (slot, generation) = sh.alloc(form, h32, payload, flags)?;
         let outcome = match form {
             Form::Patched => Outcome::Patched {
                 bytes: payload.len() - REF_BYTES,
@@ -637,9 +879,14 @@ impl PageStore {
 
     /// Finds a reference through the similarity index and encodes `page` against it. On
     /// success the reference is pinned (its deps count raised) and the payload returned.
-    fn try_patch(&self, page: &Page, keys: Option<&Keys>) -> Option<(Loc, Vec<u8>)> {
+    fn try_patch(
+        &self,
+        page: &Page,
+        keys: Option<&Keys>,
+        exclude: Option<Loc>,
+    ) -> Option<(Loc, Vec<u8>)> {
         let (sim, keys, pc) = (self.sim.as_ref()?, keys?, self.cfg.patch?);
-        let r = sim.lookup(keys)?;
+        let r = sim.lookup(keys).filter(|&r| Some(r) != exclude)?;
         let mut reference = [0u8; PAGE_SIZE];
         if !self.pin(r, &mut reference) {
             return None;
@@ -779,6 +1026,11 @@ impl PageStore {
                 if e.owners == 0 && e.deps == 0 {
                     return Err(format!("{at}: held by nothing but not freed"));
                 }
+                if !e.indexed() && (form != Form::Raw || e.deps > 0) {
+                    return Err(format!(
+                        "{at}: unsettled but not a raw page nobody patches against"
+                    ));
+                }
                 if sh
                     .dedup
                     .find(table_hash(e.hash), |&s| s as usize == slot)
@@ -828,6 +1080,7 @@ impl PageStore {
         std::mem::size_of::<Self>()
             + self.shards.len() * std::mem::size_of::<RwLock<Shard>>()
             + self.sim.as_ref().map_or(0, SimilarityIndex::bytes)
+            + self.pending.lock().capacity() * std::mem::size_of::<PageId>()
     }
 
     fn stats_from(&self, t: &Totals) -> Stats {
@@ -853,6 +1106,7 @@ impl PageStore {
             reference_only_pages: stored - live,
             metadata_bytes: (self.fixed_bytes() + t.bookkeeping) as u64 + refs,
             slack_bytes: t.arena as u64 - sum(|k| k.payload),
+            pending_pages: self.pending() as u64,
         }
     }
 
