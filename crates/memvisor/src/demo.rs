@@ -288,7 +288,7 @@ fn run_in(dir: &Path, bench_pages: usize) -> Result<()> {
     );
     println!("$ memvisor bench tmem --runs 3 --max-pages {bench_pages} pid:...");
     let (pages, sources) = crate::bench::collect_pages(&live, bench_pages)?;
-    let b = crate::tmem_cmd::bench(&pages, sources, 4, 3, &[])?;
+    let b = crate::tmem_cmd::bench(&pages, sources, 4, 3, 16_384, &[])?;
     print!("{}", crate::tmem_cmd::render(&b));
     drop(w);
     Ok(())

@@ -305,6 +305,11 @@ enum TmemCmd {
         /// least recently used first; persistent puts are refused).
         #[arg(long, default_value_t = 262_144)]
         pages: usize,
+        /// Pages the local backend may hold raw, answered at the cost of a copy, until an
+        /// idle core patches and compresses them (0: every put encodes before it is
+        /// answered). 16,384 pages is 64 MiB at most, for a burst of puts.
+        #[arg(long, default_value_t = 16_384)]
+        write_back: usize,
         /// Clients at once.
         #[arg(long, default_value_t = 1024)]
         max_clients: usize,
@@ -395,6 +400,10 @@ enum BenchCmd {
         /// Most pages to read from the inputs.
         #[arg(long, default_value_t = 16384)]
         max_pages: usize,
+        /// The tmem server's write-back limit in pages, as `tmem serve --write-back` (0:
+        /// every put encodes before it is answered).
+        #[arg(long, default_value_t = 16_384)]
+        write_back: usize,
         /// The tmem server's page store.
         #[command(flatten)]
         store: StoreArgs,
@@ -1046,6 +1055,7 @@ fn run(cli: Cli) -> Result<()> {
                     clients,
                     runs,
                     max_pages,
+                    write_back,
                     store,
                     inputs,
                 },
@@ -1055,7 +1065,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--clients and --runs must be at least 1");
             }
             let (pages, sources) = bench::collect_pages(&parse_inputs(&inputs)?, max_pages)?;
-            let b = tmem_cmd::bench(&pages, sources, clients, runs, &store.to_args())?;
+            let b = tmem_cmd::bench(&pages, sources, clients, runs, write_back, &store.to_args())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
@@ -1070,6 +1080,7 @@ fn run(cli: Cli) -> Result<()> {
                     ephemeral,
                     persistent,
                     pages,
+                    write_back,
                     max_clients,
                     max_pools,
                     max_persistent_pages,
@@ -1082,6 +1093,7 @@ fn run(cli: Cli) -> Result<()> {
                 ephemeral,
                 persistent,
                 pages,
+                write_back,
                 limits: tmem::Limits {
                     clients: max_clients,
                     pools_per_client: max_pools,

@@ -95,6 +95,8 @@ fn bench_tmem_measures_every_target_against_memcached_and_redis() {
             .unwrap()
     };
     assert!(held("local pagestore") > 0);
+    // Counted once the server had encoded every page it took raw (write-back is on).
+    assert_eq!(v["write_back"].as_u64(), Some(16_384), "{v}");
     assert!(held("local pagestore") < held("memcached, straight"), "{v}");
     assert!(
         v["redis_durability"]

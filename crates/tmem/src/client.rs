@@ -4,7 +4,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 
-use crate::proto::{self, Op, STATS_FIELDS, Status};
+use crate::proto::{self, Op, STATS_FIELDS, STATS_FIELDS_V1, Status};
 use crate::{Kind, Oid, PAGE_SIZE, Page, PoolFlags, PoolId, TmemError};
 
 /// A connection to a tmem server.
@@ -148,7 +148,7 @@ impl Client {
     /// The server's statistics, by name (see [`STATS_FIELDS`]).
     pub fn stats(&mut self) -> Result<Vec<(&'static str, u64)>, TmemError> {
         self.call(Op::Stats, &[])?;
-        if self.body.len() != 8 * STATS_FIELDS.len() {
+        if !self.body.len().is_multiple_of(8) || self.body.len() < 8 * STATS_FIELDS_V1 {
             return Err(TmemError::Protocol("a short STATS reply".into()));
         }
         Ok(STATS_FIELDS

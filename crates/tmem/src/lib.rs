@@ -92,6 +92,8 @@ pub struct Usage {
     pub bytes: u64,
     /// Ephemeral pages it dropped to make room.
     pub evictions: u64,
+    /// Pages accepted and held raw, not yet patched or compressed (write-back).
+    pub pending: u64,
 }
 
 /// Why a tmem operation failed.

@@ -1,8 +1,15 @@
 //! The local backend: pages held in memvisor's pagestore (zero, shared, patched, compressed,
 //! raw), ephemeral pages evicted least-recently-used first across every client, persistent
 //! pages refused once a capacity is reached.
+//!
+//! With write-back on, a put is answered once its page is copied (zero and identical pages
+//! are still found at once), and a maintenance thread at idle priority patches and compresses
+//! it later. The thread also compacts the store's arena when freed space piles up, and hands
+//! the freed memory back to the system.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hashbrown::{HashMap, HashSet};
 use lru::LruCache;
@@ -13,11 +20,112 @@ use crate::{Backend, Key, Kind, Oid, Page, Put, TmemError, Usage};
 
 /// Pages in the pagestore, indexed by key.
 pub struct LocalBackend {
-    store: PageStore,
+    store: Arc<PageStore>,
     index: Mutex<Index>,
     ephemeral_cap: usize,
     persistent_cap: usize,
     evictions: AtomicU64,
+    /// Most pages kept raw awaiting the maintenance thread (0: every put encodes inline).
+    write_back: AtomicUsize,
+    maint: Maintenance,
+}
+
+/// The maintenance thread: settles deferred pages, compacts the arena, ends with the backend.
+struct Maintenance {
+    shared: Arc<MaintShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct MaintShared {
+    stop: AtomicBool,
+    /// The thread is parked (or about to be) for want of work.
+    sleeping: AtomicBool,
+    /// Deferred pages were taken and the compaction after them has not finished yet.
+    busy: AtomicBool,
+}
+
+/// Pages settled between checks for the end.
+const SETTLE_BATCH: usize = 32;
+/// Compact a shard once this much of its arena is free space.
+const COMPACT_AT: f64 = 0.25;
+/// How often an idle maintenance thread looks for freed space to compact.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+impl Maintenance {
+    fn start(store: &Arc<PageStore>) -> Self {
+        let shared = Arc::new(MaintShared::default());
+        let (sh, weak) = (Arc::clone(&shared), Arc::downgrade(store));
+        let thread = std::thread::Builder::new()
+            .name("tmem-maint".into())
+            .spawn(move || {
+                idle_priority();
+                while !sh.stop.load(Ordering::SeqCst) {
+                    let Some(store) = weak.upgrade() else { break };
+                    match store.settle(SETTLE_BATCH) {
+                        Ok(n) if n > 0 => {
+                            sh.busy.store(true, Ordering::SeqCst);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        // A page that does not decode is a store bug; it is reported on the
+                        // page's own get. Keep the rest going.
+                        Err(e) => eprintln!("tmem: settling a page failed: {e}"),
+                    }
+                    if store.compact(COMPACT_AT) > 0 {
+                        trim_heap();
+                    }
+                    sh.busy.store(false, Ordering::SeqCst);
+                    sh.sleeping.store(true, Ordering::SeqCst);
+                    // A put queued after this check finds `sleeping` set and unparks us.
+                    if store.pending() == 0 {
+                        drop(store);
+                        std::thread::park_timeout(IDLE_TICK);
+                    }
+                    sh.sleeping.store(false, Ordering::SeqCst);
+                }
+            })
+            .ok();
+        Maintenance { shared, thread }
+    }
+
+    fn wake(&self) {
+        if self.shared.sleeping.swap(false, Ordering::SeqCst)
+            && let Some(t) = &self.thread
+        {
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// SCHED_IDLE for the calling thread: it runs only on a core nothing else wants, so the
+/// work it defers never slows the puts and gets it was deferred for.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads `param`, which lives for the call; pid 0 is the
+    // calling thread. A failure leaves the thread at normal priority, which is safe.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
+    }
+}
+
+/// Hands the heap's free pages back to the system: compaction frees arena chunks, which
+/// glibc would otherwise keep in the process (and its RSS) for reuse.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free heap memory; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -82,7 +190,10 @@ impl LocalBackend {
     /// A backend over `store` holding at most `ephemeral_cap` ephemeral pages (the least
     /// recently used go first) and `persistent_cap` persistent ones (puts beyond are refused).
     pub fn new(store: PageStore, ephemeral_cap: usize, persistent_cap: usize) -> Self {
+        let store = Arc::new(store);
         LocalBackend {
+            maint: Maintenance::start(&store),
+            write_back: AtomicUsize::new(0),
             store,
             index: Mutex::new(Index {
                 ephemeral: LruCache::unbounded(),
@@ -93,6 +204,15 @@ impl LocalBackend {
             persistent_cap,
             evictions: AtomicU64::new(0),
         }
+    }
+
+    /// Turns write-back on: up to `max_pending` pages are held raw, answered at the cost of a
+    /// copy, and encoded by the maintenance thread when a core is idle; beyond that, puts
+    /// encode inline again. 0 turns it off.
+    #[must_use]
+    pub fn with_write_back(self, max_pending: usize) -> Self {
+        self.write_back.store(max_pending, Ordering::Relaxed);
+        self
     }
 
     /// The page store underneath, for its statistics.
@@ -119,7 +239,15 @@ impl Backend for LocalBackend {
 
     fn put(&self, key: &Key, page: &Page) -> Result<Put, TmemError> {
         // The expensive part (classify, compress) runs outside the index lock.
-        let id = self.store.insert(page)?;
+        let id = if self.store.pending() < self.write_back.load(Ordering::Relaxed) {
+            let (id, outcome) = self.store.insert_deferred(page)?;
+            if outcome == pagestore::Outcome::Raw {
+                self.maint.wake();
+            }
+            id
+        } else {
+            self.store.insert(page)?
+        };
         let mut dropped = Vec::new();
         let outcome = {
             let mut ix = self.index.lock();
@@ -274,6 +402,10 @@ impl Backend for LocalBackend {
             pages,
             bytes: self.store.stats().held_bytes() + index_bytes,
             evictions: self.evictions.load(Ordering::Relaxed),
+            // The last batch taken off the queue counts until it is encoded and the arena
+            // compacted after it, so that 0 means the store is at rest.
+            pending: self.store.pending() as u64
+                + u64::from(self.maint.shared.busy.load(Ordering::SeqCst)),
         })
     }
 }

@@ -325,6 +325,7 @@ impl Backend for MemcachedBackend {
                     .copied()
                     .unwrap_or(0),
                 evictions: general.get("evictions").copied().unwrap_or(0),
+                pending: 0,
             }))
         })
     }

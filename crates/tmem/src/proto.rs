@@ -177,7 +177,7 @@ pub fn body_len(op: Op) -> Option<usize> {
 }
 
 /// The order of the STATS reply's 13 numbers.
-pub const STATS_FIELDS: [&str; 13] = [
+pub const STATS_FIELDS: [&str; 15] = [
     "clients",
     "pools",
     "puts",
@@ -191,7 +191,13 @@ pub const STATS_FIELDS: [&str; 13] = [
     "persistent_pages",
     "persistent_bytes",
     "persistent_evictions",
+    "ephemeral_pending",
+    "persistent_pending",
 ];
+
+/// Fields a server of protocol version 1 sent before `ephemeral_pending` was added; a
+/// client takes any reply with at least these, and names what it has.
+pub const STATS_FIELDS_V1: usize = 13;
 
 #[cfg(test)]
 mod tests {

@@ -249,6 +249,7 @@ impl Backend for RedisBackend {
                 pages,
                 bytes: field("used_memory"),
                 evictions: 0,
+                pending: 0,
             });
         }
         // Pages: the sum of every tmem object's length.
@@ -272,6 +273,7 @@ impl Backend for RedisBackend {
             // would add fragmentation).
             bytes: field("used_memory"),
             evictions: 0,
+            pending: 0,
         })
     }
 }

@@ -302,6 +302,8 @@ fn handle(
                 s.persistent.pages,
                 s.persistent.bytes,
                 s.persistent.evictions,
+                s.ephemeral.pending,
+                s.persistent.pending,
             ] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
