@@ -32,8 +32,10 @@ pub struct Bench {
     pub cold_secs: f64,
     /// Pager CPU budget, fraction of one core.
     pub cpu_budget: f64,
-    /// The full policy's compressor for pages reclaimed the first time.
+    /// The full policy's compressor for pages that stay away.
     pub compression: pagestore::Compression,
+    /// Seconds stored before that compressor applies (0: at the first reclaim).
+    pub recompress_after: f64,
     /// Print a line per sample.
     pub verbose: bool,
 }
@@ -64,6 +66,10 @@ pub struct Run {
     pub fault_p99_ns: u64,
     /// Refaults served.
     pub refaults: u64,
+    /// Refaults by the form they came back from: form, count, p50 ns.
+    pub refaults_by_form: Vec<(String, u64, u64)>,
+    /// Stored pages recompressed with the cold compressor.
+    pub recompressed: u64,
     /// KSM's pages_sharing and general_profit, for the KSM run.
     pub ksm_pages_sharing: u64,
     /// see `ksm_pages_sharing`
@@ -128,7 +134,8 @@ pub fn run_one(
     let pager = match policy {
         Policy::Pager(mode) => {
             let cold = (mode == pager::Mode::Full).then_some(b.compression);
-            let pol = memory::pager_policy(b.cold_secs, b.cpu_budget, None, cold)?;
+            let pol =
+                memory::pager_policy(b.cold_secs, b.cpu_budget, None, cold, b.recompress_after)?;
             let (pg, regions) = memory::pager_for(mode.store_config(), pol, &rams)?;
             let cs = controls.clone();
             pg.on_failure(move |why| {
@@ -170,6 +177,8 @@ pub fn run_one(
         fault_p50_ns: 0,
         fault_p99_ns: 0,
         refaults: 0,
+        refaults_by_form: Vec::new(),
+        recompressed: 0,
         ksm_pages_sharing: 0,
         ksm_general_profit: 0,
         rss_growth: 0,
@@ -227,6 +236,13 @@ pub fn run_one(
             run.fault_p50_ns = st.refault_latency.p50_ns;
             run.fault_p99_ns = st.refault_latency.p99_ns;
             run.refaults = st.faults.refaults;
+            run.recompressed = st.recompressed;
+            run.refaults_by_form = st
+                .latency
+                .iter()
+                .filter(|(_, l)| l.count > 0)
+                .map(|(f, l)| (f.name().to_owned(), l.count, l.p50_ns))
+                .collect();
             run.pages = Some(st.pages);
         }
         if let Some(k) = &ksm {
@@ -358,9 +374,26 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         if let Some(p) = &r.pages {
             o += &format!(
                 "{}: pages resident {}, zero {}, shared {}, patched {}, compressed {}, raw {}; \
-                 {} refaults\n",
-                r.policy, p.resident, p.zero, p.shared, p.patched, p.compressed, p.raw, r.refaults
+                 {} recompressed; {} refaults",
+                r.policy,
+                p.resident,
+                p.zero,
+                p.shared,
+                p.patched,
+                p.compressed,
+                p.raw,
+                r.recompressed,
+                r.refaults
             );
+            let by: Vec<String> = r
+                .refaults_by_form
+                .iter()
+                .map(|(f, n, p50)| format!("{f} {n} (p50 {:.1} us)", *p50 as f64 / 1e3))
+                .collect();
+            if !by.is_empty() {
+                o += &format!(": {}", by.join(", "));
+            }
+            o += "\n";
         }
     }
     o

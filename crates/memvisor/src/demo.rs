@@ -131,6 +131,7 @@ fn guests(seconds: u64) -> Result<()> {
         cold_secs: 5.0,
         cpu_budget: 0.5,
         compression: crate::memory::COLD_COMPRESSION,
+        recompress_after: crate::memory::RECOMPRESS_AFTER,
         verbose: false,
     };
     let images = bench_memory::load(b.set)?;

@@ -374,10 +374,14 @@ enum BenchCmd {
         /// Pager: CPU budget of its scanner, as a fraction of one core.
         #[arg(long, default_value_t = 0.5)]
         cpu_budget: f64,
-        /// The full policy's compressor for pages reclaimed the first time: zstd:LEVEL,
-        /// zstd (level 3) or lz4 (pages that came back before always get LZ4).
+        /// The full policy's compressor for pages that stay away: zstd:LEVEL, zstd (level 3)
+        /// or lz4. Pages are compressed with LZ4 at reclaim.
         #[arg(long, default_value = "zstd:1")]
         compression: String,
+        /// The full policy: seconds a page stays in the store before it is recompressed
+        /// with --compression (0: at its first reclaim, if it never came back before).
+        #[arg(long, default_value_t = memory::RECOMPRESS_AFTER)]
+        recompress_after: f64,
         /// Also draw memory held over time as an SVG (one file per set: NAME-SET.svg).
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
@@ -804,7 +808,13 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
     if let memory::Policy::Pager(mode) = mem.policy {
         memory::no_huge_pages(ram, ram_len);
         let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
-        let policy = memory::pager_policy(mem.cold, mem.cpu_budget, mem.target, cold)?;
+        let policy = memory::pager_policy(
+            mem.cold,
+            mem.cpu_budget,
+            mem.target,
+            cold,
+            memory::RECOMPRESS_AFTER,
+        )?;
         let (pg, regions) = memory::pager_for(mode.store_config(), policy, &[(ram, ram_len)])?;
         let pg = std::sync::Arc::new(pg);
         let c = std::sync::Arc::clone(&control);
@@ -980,6 +990,7 @@ fn run(cli: Cli) -> Result<()> {
                     cold,
                     cpu_budget,
                     compression,
+                    recompress_after,
                     plot,
                     verbose,
                 },
@@ -1027,6 +1038,7 @@ fn run(cli: Cli) -> Result<()> {
                     cold_secs: cold,
                     cpu_budget,
                     compression,
+                    recompress_after,
                     verbose,
                 };
                 let runs = bench_memory::run(&b)?;

@@ -11,8 +11,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use pager::{Mode, Pager, Policy as PagerPolicy};
 
-/// What the full mode compresses first-time cold pages with.
+/// What the full mode recompresses pages that stay away with.
 pub const COLD_COMPRESSION: pagestore::Compression = pagestore::Compression::Zstd { level: 1 };
+
+/// Seconds a page stays in the store, LZ4-compressed, before the full mode recompresses it
+/// with [`COLD_COMPRESSION`]: pages read again soon after their reclaim come back from LZ4.
+pub const RECOMPRESS_AFTER: f64 = 5.0;
 
 /// What manages guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,17 +193,22 @@ fn find_ksmd() -> Option<u32> {
 }
 
 /// The pager for guest RAM, with defaults that are safe: cold after 8 s, a quarter core.
-/// The full mode compresses pages reclaimed for the first time with `cold` (zstd level 1 by
-/// default), and pages that came back before with LZ4.
+/// The full mode compresses with LZ4 at reclaim and recompresses with `cold` (zstd level 1
+/// by default) the pages that stay away `recompress_after` seconds (0: `cold` at the first
+/// reclaim of a page never seen to come back).
 pub fn pager_policy(
     cold_secs: f64,
     cpu_budget: f64,
     target: Option<u64>,
     cold: Option<pagestore::Compression>,
+    recompress_after: f64,
 ) -> Result<PagerPolicy> {
     let interval = Duration::from_secs(1);
     if !(cold_secs.is_finite() && cold_secs >= 1.0) {
         bail!("--cold {cold_secs}: pages are called cold after at least 1 second");
+    }
+    if !(recompress_after.is_finite() && (0.0..=255.0).contains(&recompress_after)) {
+        bail!("--recompress-after {recompress_after}: give 0 to 255 seconds");
     }
     // Clamped to 1..=255 first, so the cast is exact.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -212,6 +221,7 @@ pub fn pager_policy(
         target_resident: target,
         handlers: 2,
         cold_compression: cold,
+        deep_scans: (recompress_after / interval.as_secs_f64()).round() as u32,
     })
 }
 

@@ -189,19 +189,22 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
             };
             match r {
                 Ok(Resolved::Done) => {
-                    if form != Form::Zero {
-                        let _ = inner.store.remove(id);
-                    }
                     // Reads are invisible to the scanner, so a page that comes back is the
                     // only sign it is read: wait four times as long before taking it again.
                     let back = (m.backoff() + 2).min(MAX_BACKOFF);
                     let mut n = m.with_state(RESIDENT).with_age(0).with_backoff(back);
                     n = n.set(if write { WRITTEN } else { REFAULTED });
                     region.unlock(ix, n);
-                    c.missing.fetch_add(1, Relaxed);
-                    c.refaults.fetch_add(1, Relaxed);
                     let _ = inner.uffd.wake(addr, 4096);
                     c.latency[form.ix()].record(elapsed_ns(t0));
+                    c.missing.fetch_add(1, Relaxed);
+                    c.refaults.fetch_add(1, Relaxed);
+                    // The store's copy goes once the thread runs again: freeing a whole page
+                    // decodes it once more (its similarity keys), which no fault should wait
+                    // for. The id was read under the page's lock, so it is this page's.
+                    if form != Form::Zero {
+                        let _ = inner.store.remove(id);
+                    }
                     Done::Yes
                 }
                 Ok(Resolved::Again) => {

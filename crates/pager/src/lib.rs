@@ -109,11 +109,15 @@ pub struct Policy {
     pub target_resident: Option<u64>,
     /// Fault handler threads: faults on different pages are served in parallel.
     pub handlers: usize,
-    /// The compressor for pages reclaimed for the first time (never seen to come back), if
-    /// not the store's own: zstd there buys a better ratio on the coldest pages, while pages
-    /// that have come back before keep the store's faster one (LZ4), so that the faults
-    /// that do happen stay quick.
+    /// The compressor for pages that stay away, if not the store's own: zstd buys a better
+    /// ratio on the coldest pages, while the store's faster one (LZ4) keeps the faults that
+    /// do happen quick.
     pub cold_compression: Option<pagestore::Compression>,
+    /// When `cold_compression` applies: 0, at the first reclaim of a page never seen to come
+    /// back; N, to a page held compressed for N scans (times 2^backoff for a page that came
+    /// back before), recompressed in place, so that a page read again soon after its
+    /// reclaim comes back from the fast compressor.
+    pub deep_scans: u32,
 }
 
 impl Default for Policy {
@@ -126,6 +130,7 @@ impl Default for Policy {
             target_resident: None,
             handlers: 2,
             cold_compression: None,
+            deep_scans: 0,
         }
     }
 }
@@ -479,6 +484,8 @@ impl Pager {
             write_protect_latency: c.wp_latency.summary(),
             reclaimed: ld(&c.reclaimed),
             reclaim_aborted: ld(&c.reclaim_aborted),
+            recompressed: ld(&c.recompressed),
+            compacted_bytes: ld(&c.compacted_bytes),
             scans: ld(&c.scans),
             scanner_cpu_s: ld(&c.scanner_cpu_ns) as f64 / 1e9,
             handler_cpu_s: ld(&c.handler_cpu_ns) as f64 / 1e9,

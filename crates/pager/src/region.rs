@@ -27,6 +27,8 @@ pub(crate) const BUSY: u32 = BUSY_RECLAIM | BUSY_FAULT;
 pub(crate) const WRITTEN: u32 = 1 << 4;
 /// Brought back from the store since the last scan (it was read or written).
 pub(crate) const REFAULTED: u32 = 1 << 5;
+/// A stored page already recompressed with the cold compressor (or found no smaller).
+pub(crate) const DEEP: u32 = 1 << 6;
 const AGE_SHIFT: u32 = 8;
 const AGE_MASK: u32 = 0xff << AGE_SHIFT;
 const BACKOFF_SHIFT: u32 = 16;

@@ -165,6 +165,8 @@ pub(crate) struct Counters {
     pub anomalies: AtomicU64,
     pub reclaimed: AtomicU64,
     pub reclaim_aborted: AtomicU64,
+    pub recompressed: AtomicU64,
+    pub compacted_bytes: AtomicU64,
     pub scans: AtomicU64,
     pub scanner_cpu_ns: AtomicU64,
     pub handler_cpu_ns: AtomicU64,
@@ -293,6 +295,10 @@ pub struct Stats {
     pub reclaimed: u64,
     /// Reclaims given up because the page was written or the store refused it.
     pub reclaim_aborted: u64,
+    /// Stored pages recompressed in place with the cold compressor.
+    pub recompressed: u64,
+    /// Store arena bytes given back by compaction.
+    pub compacted_bytes: u64,
     /// Scans done.
     pub scans: u64,
     /// CPU time of the scanner (aging and reclaim), seconds.

@@ -22,4 +22,4 @@ pub use config::{Config, ConfigError, PatchConfig};
 pub use delta::{DecodeError, DeltaCodec};
 pub use page::{PAGE_SIZE, Page, is_zero};
 pub use similarity::{Keys, Loc, MAX_LOC, SimilarityConfig, SimilarityIndex};
-pub use store::{Class, FormStats, Outcome, PageId, PageStore, Stats, StoreError};
+pub use store::{Class, FormStats, Outcome, PageId, PageStore, Reencode, Stats, StoreError};

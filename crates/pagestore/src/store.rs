@@ -569,6 +569,21 @@ impl Stats {
     }
 }
 
+/// How [`PageStore::reencode`] may hold a page anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reencode {
+    /// The compressor to try.
+    pub compression: Compression,
+    /// Try a patch against a similar page too (not for a page other patches use).
+    pub patch: bool,
+    /// Also reencode a page that patches use as their reference: each read of those
+    /// patches, and each new patch against it, decodes it.
+    pub references: bool,
+    /// Leave alone a page held in fewer bytes than this: a page LZ4 already took to a
+    /// quarter has little left for zstd to save, for the same CPU as any other.
+    pub min_bytes: usize,
+}
+
 /// A concurrent store of 4 KiB pages, each held in the cheapest form that gives back its
 /// exact bytes: zero, shared, patched against a similar page, compressed, or raw.
 ///
@@ -687,7 +702,15 @@ impl PageStore {
                 break;
             };
             taken += 1;
-            self.reencode(id, self.cfg.compression)?;
+            self.reencode(
+                id,
+                Reencode {
+                    compression: self.cfg.compression,
+                    patch: true,
+                    references: true,
+                    min_bytes: 0,
+                },
+            )?;
         }
         Ok(taken)
     }
@@ -697,16 +720,18 @@ impl PageStore {
         self.pending.lock().len()
     }
 
-    /// Holds a stored whole page anew, in place: as a patch against a similar page or
-    /// compressed with `compression`, whichever is smallest, if that is smaller than what
-    /// holds it now. Its id and bytes stay. For pages that have gone cold (LZ4 at reclaim,
+    /// Holds a stored whole page anew, in place, as `how` says: as a patch against a similar
+    /// page or compressed, whichever is smallest, if that is smaller than what holds it now.
+    /// Its id and bytes stay. For pages that have gone cold (LZ4 at reclaim,
     /// zstd later) and for [`PageStore::settle`]. Returns the new outcome, or `None` when
     /// nothing smaller was found or the page is gone, is a patch, or changed meanwhile.
-    pub fn reencode(
-        &self,
-        id: PageId,
-        compression: Compression,
-    ) -> Result<Option<Outcome>, StoreError> {
+    pub fn reencode(&self, id: PageId, how: Reencode) -> Result<Option<Outcome>, StoreError> {
+        let Reencode {
+            compression,
+            patch,
+            references,
+            min_bytes,
+        } = how;
         if id == PageId::ZERO {
             return Ok(None);
         }
@@ -717,7 +742,10 @@ impl PageStore {
             let Some(e) = sh.entries.get(slot).filter(|e| e.holds(id)) else {
                 return Ok(None);
             };
-            if !e.form().is_reference() {
+            if !e.form().is_reference()
+                || (e.deps > 0 && !references)
+                || usize::from(e.len) < min_bytes
+            {
                 return Ok(None);
             }
             sh.decode(e, self.cfg, &mut page)
@@ -726,7 +754,7 @@ impl PageStore {
         };
         let keys = self.sim.as_ref().map(|s| s.keys(&page));
         // A page others patch against stays whole; none patches against itself.
-        let patch = if deps == 0 {
+        let patch = if patch && deps == 0 {
             self.try_patch(&page, keys.as_ref(), Some(id.loc()))
         } else {
             None

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use common::{edited, real_pages};
 use pagestore::{
     Compression, Config, DeltaCodec, Outcome, PAGE_SIZE, Page, PageId, PageStore, PatchConfig,
-    StoreError,
+    Reencode, StoreError,
 };
 use proptest::prelude::*;
 
@@ -293,7 +293,7 @@ proptest! {
                             }
                             Op::Reencode(k) if !held.is_empty() => {
                                 let (id, _) = held[k % held.len()];
-                                if let Err(e) = store.reencode(id, Compression::Zstd { level: 3 }) {
+                                if let Err(e) = store.reencode(id, Reencode { compression: Compression::Zstd { level: 3 }, patch: k % 2 == 0, references: k % 3 != 0, min_bytes: k % 5 * 512 }) {
                                     failures.lock().unwrap().push(format!("reencode {id:?}: {e}"));
                                 }
                             }
@@ -404,7 +404,15 @@ fn deferred_pages_settle_and_compaction_gives_space_back() {
     let lz4 = compacted.payload_bytes();
     for id in &ids {
         deferred
-            .reencode(*id, Compression::Zstd { level: 3 })
+            .reencode(
+                *id,
+                Reencode {
+                    compression: Compression::Zstd { level: 3 },
+                    patch: false,
+                    references: true,
+                    min_bytes: 0,
+                },
+            )
             .unwrap();
     }
     deferred.compact(0.0);
