@@ -180,12 +180,13 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                 ));
                 return Done::Yes;
             }
-            // The thread is woken only once the books say where the page is: whatever it
-            // does next (a reclaim, a stats read) sees them true.
+            // Mapped and woken in one ioctl (a separate wake cost every refault another):
+            // the page stays locked until the books below say where it is, so a reclaim or
+            // a second fault waits for them.
             let r = if form == Form::Zero && !write {
-                inner.uffd.zeropage(addr, false)
+                inner.uffd.zeropage(addr, true)
             } else {
-                inner.uffd.copy(addr, buf, false)
+                inner.uffd.copy(addr, buf, true)
             };
             match r {
                 Ok(Resolved::Done) => {
@@ -195,7 +196,6 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                     let mut n = m.with_state(RESIDENT).with_age(0).with_backoff(back);
                     n = n.set(if write { WRITTEN } else { REFAULTED });
                     region.unlock(ix, n);
-                    let _ = inner.uffd.wake(addr, 4096);
                     c.latency[form.ix()].record(elapsed_ns(t0));
                     c.missing.fetch_add(1, Relaxed);
                     c.refaults.fetch_add(1, Relaxed);
