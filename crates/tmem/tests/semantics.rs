@@ -344,6 +344,16 @@ fn concurrent_clients(t: &Tmem, flags: PoolFlags) {
     });
 }
 
+/// Every persistent promise, on backends that `make(ephemeral_cap, persistent_cap)` builds.
+fn persistent_suite(make: fn(usize, usize) -> Arc<dyn Backend>) {
+    let t = || Tmem::with_backend(make(100_000, 100_000), Limits::default());
+    persistent_promises(&t());
+    persistent_pool_outlives_its_connection(&t());
+    refused_persistent_put_leaves_no_old_page(make(100, 100));
+    quota_counts_closed_pools(make(100, 100));
+    destroy_and_reopen_race(&t());
+}
+
 // ---- each backend ----
 
 mod local_backend {
@@ -355,11 +365,7 @@ mod local_backend {
 
     #[test]
     fn persistent() {
-        persistent_promises(&t());
-        persistent_pool_outlives_its_connection(&t());
-        refused_persistent_put_leaves_no_old_page(local(100, 100));
-        quota_counts_closed_pools(local(100, 100));
-        destroy_and_reopen_race(&t());
+        persistent_suite(local);
     }
 
     #[test]
@@ -458,11 +464,7 @@ mod local_write_back {
 
     #[test]
     fn persistent() {
-        persistent_promises(&t());
-        persistent_pool_outlives_its_connection(&t());
-        refused_persistent_put_leaves_no_old_page(local_write_back(100, 100));
-        quota_counts_closed_pools(local_write_back(100, 100));
-        destroy_and_reopen_race(&t());
+        persistent_suite(local_write_back);
     }
 
     #[test]
