@@ -437,6 +437,12 @@ impl Shard {
         true
     }
 
+    /// Free space past two chunks and past `min_unused` (a fraction) of the arena.
+    fn wasteful(&self, min_unused: f64) -> bool {
+        let unused = self.arena.unused_bytes();
+        unused >= 2 * arena::CHUNK && unused as f64 >= min_unused * self.arena.capacity() as f64
+    }
+
     /// Copies every payload, in arena order, into a fresh arena with no free space but the
     /// newest chunk's end; returns the bytes of chunks given back.
     fn compact(&mut self) -> usize {
@@ -857,20 +863,20 @@ impl PageStore {
     pub fn compact(&self, min_unused: f64) -> usize {
         let mut freed = 0;
         for s in self.shards.iter() {
-            let wasteful = |sh: &Shard| {
-                let unused = sh.arena.unused_bytes();
-                unused >= 2 * arena::CHUNK
-                    && unused as f64 >= min_unused * sh.arena.capacity() as f64
-            };
-            if !wasteful(&s.read()) {
+            if !s.read().wasteful(min_unused) {
                 continue;
             }
             let mut sh = s.write();
-            if wasteful(&sh) {
+            if sh.wasteful(min_unused) {
                 freed += sh.compact();
             }
         }
         freed
+    }
+
+    /// Whether [`PageStore::compact`] with `min_unused` would compact any shard now.
+    pub fn wasteful(&self, min_unused: f64) -> bool {
+        self.shards.iter().any(|s| s.read().wasteful(min_unused))
     }
 
     /// Stores the chosen form, unless an identical page was stored meanwhile.

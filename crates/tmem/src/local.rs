@@ -60,7 +60,7 @@ impl Maintenance {
         let thread = std::thread::Builder::new()
             .name("tmem-maint".into())
             .spawn(move || {
-                idle_priority();
+                set_priority(true);
                 while !sh.stop.load(Ordering::SeqCst) {
                     let Some(store) = weak.upgrade() else { break };
                     match store.settle(SETTLE_BATCH) {
@@ -73,8 +73,16 @@ impl Maintenance {
                         // page's own get. Keep the rest going.
                         Err(e) => eprintln!("tmem: settling a page failed: {e}"),
                     }
-                    if store.compact(COMPACT_AT) > 0 {
-                        trim_heap();
+                    if store.wasteful(COMPACT_AT) {
+                        // Compaction holds a shard's lock for a millisecond and malloc_trim
+                        // the heap's: at idle priority a busy core could preempt us inside
+                        // and leave the server's threads waiting, so these run at normal
+                        // priority.
+                        set_priority(false);
+                        if store.compact(COMPACT_AT) > 0 {
+                            trim_heap();
+                        }
+                        set_priority(true);
                     }
                     sh.busy.store(false, Ordering::SeqCst);
                     sh.sleeping.store(true, Ordering::SeqCst);
@@ -109,14 +117,19 @@ impl Drop for Maintenance {
     }
 }
 
-/// SCHED_IDLE for the calling thread: it runs only on a core nothing else wants, so the
-/// work it defers never slows the puts and gets it was deferred for.
-fn idle_priority() {
+/// SCHED_IDLE for the calling thread (or SCHED_OTHER again): it runs only on a core nothing
+/// else wants, so the work it defers never slows the puts and gets it was deferred for.
+fn set_priority(idle: bool) {
     let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
     // SAFETY: sched_setscheduler reads `param`, which lives for the call; pid 0 is the
-    // calling thread. A failure leaves the thread at normal priority, which is safe.
+    // calling thread. A failure leaves the thread at its priority, which is safe.
     unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
+        libc::sched_setscheduler(0, policy, &raw const param);
     }
 }
 
