@@ -70,6 +70,8 @@ pub struct Run {
     pub refaults_by_form: Vec<(String, u64, u64)>,
     /// Stored pages recompressed with the cold compressor.
     pub recompressed: u64,
+    /// Write-protect faults served (the pager's write tracking), and their p50 in ns.
+    pub write_faults: (u64, u64),
     /// KSM's pages_sharing and general_profit, for the KSM run.
     pub ksm_pages_sharing: u64,
     /// see `ksm_pages_sharing`
@@ -179,6 +181,7 @@ pub fn run_one(
         refaults: 0,
         refaults_by_form: Vec::new(),
         recompressed: 0,
+        write_faults: (0, 0),
         ksm_pages_sharing: 0,
         ksm_general_profit: 0,
         rss_growth: 0,
@@ -236,6 +239,7 @@ pub fn run_one(
             run.fault_p50_ns = st.refault_latency.p50_ns;
             run.fault_p99_ns = st.refault_latency.p99_ns;
             run.refaults = st.faults.refaults;
+            run.write_faults = (st.faults.write_protect, st.write_protect_latency.p50_ns);
             run.recompressed = st.recompressed;
             run.refaults_by_form = st
                 .latency
@@ -393,7 +397,11 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             if !by.is_empty() {
                 o += &format!(": {}", by.join(", "));
             }
-            o += "\n";
+            o += &format!(
+                "; {} write-protect faults (p50 {:.1} us)\n",
+                r.write_faults.0,
+                r.write_faults.1 as f64 / 1e3
+            );
         }
     }
     o
