@@ -197,14 +197,15 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                     n = n.set(if write { WRITTEN } else { REFAULTED });
                     region.unlock(ix, n);
                     c.latency[form.ix()].record(elapsed_ns(t0));
-                    c.missing.fetch_add(1, Relaxed);
-                    c.refaults.fetch_add(1, Relaxed);
                     // The store's copy goes once the thread runs again: freeing a whole page
                     // decodes it once more (its similarity keys), which no fault should wait
                     // for. The id was read under the page's lock, so it is this page's.
                     if form != Form::Zero {
                         let _ = inner.store.remove(id);
                     }
+                    // Counted once the copy is gone, so that a count says the store is done.
+                    c.missing.fetch_add(1, Relaxed);
+                    c.refaults.fetch_add(1, Relaxed);
                     Done::Yes
                 }
                 Ok(Resolved::Again) => {

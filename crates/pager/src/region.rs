@@ -205,15 +205,24 @@ impl Region {
     }
 
     /// Takes page `ix`'s busy bit `who` if it is free; returns the meta word it found.
+    /// Fails only if the page is busy: a word changed meanwhile by an unlocked update (the
+    /// scanner's aging of a stored page) is read again, or a remove event could be lost.
     pub(crate) fn try_lock(&self, ix: usize, who: u32) -> Result<Meta, Meta> {
-        let cur = self.load(ix);
-        if cur.busy() {
-            return Err(cur);
+        let mut cur = self.load(ix);
+        loop {
+            if cur.busy() {
+                return Err(cur);
+            }
+            match self.meta[ix].compare_exchange_weak(
+                cur.0,
+                cur.0 | who,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(cur),
+                Err(now) => cur = Meta(now),
+            }
         }
-        self.meta[ix]
-            .compare_exchange(cur.0, cur.0 | who, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| cur)
-            .map_err(Meta)
     }
 
     /// Publishes `m` (busy bits cleared) and releases the page.

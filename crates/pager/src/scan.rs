@@ -224,12 +224,9 @@ fn recompress(
             min_bytes: RECOMPRESS_MIN_BYTES,
         };
         let done = matches!(inner.store.reencode(id, how), Ok(Some(_)));
-        if done {
-            inner.counters.recompressed.fetch_add(1, Relaxed);
-        }
         // Marked even when no smaller, so it is not tried again while it stays away. The
         // id is checked under the meta word's update: ids change only while a page is busy.
-        region.update(ix, |m| {
+        let marked = region.update(ix, |m| {
             if m.state() != STORED || region.ids[ix].load(Relaxed) != id.as_u64() {
                 return None;
             }
@@ -240,6 +237,9 @@ fn recompress(
                 m
             })
         });
+        if done && marked.is_some() {
+            inner.counters.recompressed.fetch_add(1, Relaxed);
+        }
         if n % 64 == 63 {
             throttle(inner, budget, started, start_cpu);
         }
