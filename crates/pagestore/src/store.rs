@@ -618,6 +618,8 @@ pub struct PageStore {
     zero: AtomicU64,
     /// Ids stored raw by `insert_deferred`, oldest first, for `settle` to encode.
     pending: Mutex<VecDeque<PageId>>,
+    /// Ids taken off `pending` whose encoding has not finished.
+    settling: AtomicU64,
 }
 
 impl PageStore {
@@ -630,6 +632,7 @@ impl PageStore {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
             zero: AtomicU64::new(0),
             pending: Mutex::new(VecDeque::new()),
+            settling: AtomicU64::new(0),
             cfg,
         })
     }
@@ -704,11 +707,16 @@ impl PageStore {
     pub fn settle(&self, max: usize) -> Result<usize, StoreError> {
         let mut taken = 0;
         while taken < max {
-            let Some(id) = self.pending.lock().pop_front() else {
-                break;
+            let id = {
+                let mut q = self.pending.lock();
+                let Some(id) = q.pop_front() else { break };
+                // Counted before the queue's lock goes, so `pending` never reads 0 while a
+                // page is still being encoded.
+                self.settling.fetch_add(1, Ordering::SeqCst);
+                id
             };
             taken += 1;
-            self.reencode(
+            let done = self.reencode(
                 id,
                 Reencode {
                     compression: self.cfg.compression,
@@ -716,14 +724,18 @@ impl PageStore {
                     references: true,
                     min_bytes: 0,
                 },
-            )?;
+            );
+            self.settling.fetch_sub(1, Ordering::SeqCst);
+            done?;
         }
         Ok(taken)
     }
 
-    /// Pages inserted deferred and not settled yet.
+    /// Pages inserted deferred and not settled yet: queued (some may have been removed
+    /// since), or being encoded.
     pub fn pending(&self) -> usize {
-        self.pending.lock().len()
+        let queued = self.pending.lock().len();
+        queued + usize::try_from(self.settling.load(Ordering::SeqCst)).unwrap_or(usize::MAX)
     }
 
     /// Holds a stored whole page anew, in place, as `how` says: as a patch against a similar
@@ -743,7 +755,7 @@ impl PageStore {
         }
         let (si, slot) = split(id.loc());
         let mut page = [0u8; PAGE_SIZE];
-        let (old_form, old_len, deps, indexed) = {
+        let (old_form, old_len, deps) = {
             let sh = self.shards[si].read();
             let Some(e) = sh.entries.get(slot).filter(|e| e.holds(id)) else {
                 return Ok(None);
@@ -756,7 +768,7 @@ impl PageStore {
             }
             sh.decode(e, self.cfg, &mut page)
                 .map_err(|err| StoreError::CorruptCompressed(id, err))?;
-            (e.form(), e.len, e.deps, e.indexed())
+            (e.form(), e.len, e.deps)
         };
         let keys = self.sim.as_ref().map(|s| s.keys(&page));
         // A page others patch against stays whole; none patches against itself.
@@ -771,24 +783,28 @@ impl PageStore {
             let mut sh = self.shards[si].write();
             let e = &sh.entries[slot];
             let same = e.holds(id) && e.form() == old_form && e.len == old_len;
+            // Read under the lock: another reencode of this id may have settled it meanwhile.
+            let indexed = e.indexed();
             let changed = same
                 && smaller
                 && (form != Form::Patched || e.deps == 0)
                 && sh.reform(slot, form, payload);
             let whole = if changed { form } else { old_form };
-            if same && !indexed && whole.is_reference() {
-                // Settled whole: a reference for the pages settled after it.
+            // Settled whole: a reference for the pages settled after it.
+            let index = same && !indexed && whole.is_reference();
+            if index {
                 sh.entries[slot].tag &= !UNINDEXED;
-                if let (Some(sim), Some(keys)) = (&self.sim, &keys) {
-                    sim.insert(keys, id.loc());
-                }
-            }
-            if let (true, true, Form::Patched, Some(sim), Some(keys)) =
-                (changed, indexed, form, &self.sim, &keys)
-            {
-                sim.remove(keys, id.loc()); // a patch is no reference
             }
             drop(sh);
+            // The index is updated unlocked, as inserts and frees do: its growth copies the
+            // whole table, which no shard lock should wait for.
+            if let (Some(sim), Some(keys)) = (&self.sim, &keys) {
+                if index {
+                    sim.insert(keys, id.loc());
+                } else if changed && indexed && form == Form::Patched {
+                    sim.remove(keys, id.loc()); // a patch is no reference
+                }
+            }
             if !changed {
                 if let Some(r) = reference {
                     self.unpin(r);
