@@ -30,19 +30,30 @@ pub struct LocalBackend {
     maint: Maintenance,
 }
 
-/// The maintenance thread: settles deferred pages, compacts the arena, ends with the backend.
+/// The maintenance threads, which end with the backend: a settler at idle priority encodes
+/// deferred pages; a compactor at normal priority compacts the arena and trims the heap.
+///
+/// Two threads, not one switching priority: a thread cannot leave SCHED_IDLE without
+/// CAP_SYS_NICE, and compaction and malloc_trim hold locks (a shard's for about a
+/// millisecond, the heap's) that an idle-priority thread must not be preempted inside
+/// while the server's threads wait. The settler's locked sections are microseconds long.
 struct Maintenance {
     shared: Arc<MaintShared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    settler: Option<std::thread::JoinHandle<()>>,
+    compactor: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Default)]
 struct MaintShared {
     stop: AtomicBool,
-    /// The thread is parked (or about to be) for want of work.
+    /// The settler is parked (or about to be) for want of work.
     sleeping: AtomicBool,
-    /// Deferred pages were taken and the compaction after them has not finished yet.
-    busy: AtomicBool,
+    /// The settler is draining the queue.
+    working: AtomicBool,
+    /// Drains of the queue finished by the settler, and the last of them the compactor
+    /// has compacted after: while they differ, the store is not at rest.
+    drained: AtomicU64,
+    compacted: AtomicU64,
 }
 
 /// Pages settled between checks for the end.
@@ -50,41 +61,56 @@ const SETTLE_BATCH: usize = 32;
 /// Compact a shard once this much of its arena is free space: a shard copies its payloads
 /// in about a millisecond, so an eighth of waste is worth it.
 const COMPACT_AT: f64 = 0.125;
-/// How often an idle maintenance thread looks for freed space to compact.
+/// How often the idle threads look for work anyway (removes free space too).
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
 impl Maintenance {
     fn start(store: &Arc<PageStore>) -> Self {
         let shared = Arc::new(MaintShared::default());
         let (sh, weak) = (Arc::clone(&shared), Arc::downgrade(store));
-        let thread = std::thread::Builder::new()
-            .name("tmem-maint".into())
+        let compactor = std::thread::Builder::new()
+            .name("tmem-compact".into())
             .spawn(move || {
-                set_priority(true);
                 while !sh.stop.load(Ordering::SeqCst) {
                     let Some(store) = weak.upgrade() else { break };
-                    match store.settle(SETTLE_BATCH) {
-                        Ok(n) if n > 0 => {
-                            sh.busy.store(true, Ordering::SeqCst);
-                            continue;
-                        }
-                        Ok(_) => {}
-                        // A page that does not decode is a store bug; it is reported on the
-                        // page's own get. Keep the rest going.
-                        Err(e) => eprintln!("tmem: settling a page failed: {e}"),
+                    let drained = sh.drained.load(Ordering::SeqCst);
+                    if store.compact(COMPACT_AT) > 0 {
+                        trim_heap();
                     }
-                    if store.wasteful(COMPACT_AT) {
-                        // Compaction holds a shard's lock for a millisecond and malloc_trim
-                        // the heap's: at idle priority a busy core could preempt us inside
-                        // and leave the server's threads waiting, so these run at normal
-                        // priority.
-                        set_priority(false);
-                        if store.compact(COMPACT_AT) > 0 {
-                            trim_heap();
-                        }
-                        set_priority(true);
+                    sh.compacted.store(drained, Ordering::SeqCst);
+                    drop(store);
+                    if sh.drained.load(Ordering::SeqCst) == drained {
+                        std::thread::park_timeout(IDLE_TICK);
                     }
-                    sh.busy.store(false, Ordering::SeqCst);
+                }
+            })
+            .ok();
+        let (sh, weak) = (Arc::clone(&shared), Arc::downgrade(store));
+        let compactor_thread = compactor.as_ref().map(|t| t.thread().clone());
+        let settler = std::thread::Builder::new()
+            .name("tmem-settle".into())
+            .spawn(move || {
+                idle_priority();
+                while !sh.stop.load(Ordering::SeqCst) {
+                    let Some(store) = weak.upgrade() else { break };
+                    if store.pending() > 0 {
+                        // Set before the batch, cleared only once the drain is counted, so
+                        // that the store never looks at rest between the two.
+                        sh.working.store(true, Ordering::SeqCst);
+                        if let Err(e) = store.settle(SETTLE_BATCH) {
+                            // A page that does not decode is a store bug; its own get reports
+                            // it. Keep the rest going.
+                            eprintln!("tmem: settling a page failed: {e}");
+                        }
+                        continue;
+                    }
+                    if sh.working.load(Ordering::SeqCst) {
+                        sh.drained.fetch_add(1, Ordering::SeqCst);
+                        sh.working.store(false, Ordering::SeqCst);
+                        if let Some(t) = &compactor_thread {
+                            t.unpark();
+                        }
+                    }
                     sh.sleeping.store(true, Ordering::SeqCst);
                     // A put queued after this check finds `sleeping` set and unparks us.
                     if store.pending() == 0 {
@@ -95,41 +121,50 @@ impl Maintenance {
                 }
             })
             .ok();
-        Maintenance { shared, thread }
+        Maintenance {
+            shared,
+            settler,
+            compactor,
+        }
     }
 
     fn wake(&self) {
         if self.shared.sleeping.swap(false, Ordering::SeqCst)
-            && let Some(t) = &self.thread
+            && let Some(t) = &self.settler
         {
             t.thread().unpark();
         }
+    }
+
+    /// A drain under way, or one whose compaction has not finished yet.
+    fn owed(&self) -> bool {
+        let sh = &self.shared;
+        sh.working.load(Ordering::SeqCst)
+            || sh.compacted.load(Ordering::SeqCst) != sh.drained.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for Maintenance {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in [self.settler.take(), self.compactor.take()]
+            .into_iter()
+            .flatten()
+        {
             t.thread().unpark();
             let _ = t.join();
         }
     }
 }
 
-/// SCHED_IDLE for the calling thread (or SCHED_OTHER again): it runs only on a core nothing
-/// else wants, so the work it defers never slows the puts and gets it was deferred for.
-fn set_priority(idle: bool) {
+/// SCHED_IDLE for the calling thread: it runs only on a core nothing else wants, so the
+/// work it defers never slows the puts and gets it was deferred for.
+fn idle_priority() {
     let param = libc::sched_param { sched_priority: 0 };
-    let policy = if idle {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
     // SAFETY: sched_setscheduler reads `param`, which lives for the call; pid 0 is the
-    // calling thread. A failure leaves the thread at its priority, which is safe.
+    // calling thread. A failure leaves the thread at normal priority, which is safe.
     unsafe {
-        libc::sched_setscheduler(0, policy, &raw const param);
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
     }
 }
 
@@ -416,10 +451,9 @@ impl Backend for LocalBackend {
             pages,
             bytes: self.store.stats().held_bytes() + index_bytes,
             evictions: self.evictions.load(Ordering::Relaxed),
-            // The last batch taken off the queue counts until it is encoded and the arena
-            // compacted after it, so that 0 means the store is at rest.
-            pending: self.store.pending() as u64
-                + u64::from(self.maint.shared.busy.load(Ordering::SeqCst)),
+            // Pages being encoded count (the store's `pending`), and so does a compaction
+            // owed after a drain, so that 0 means the store is at rest.
+            pending: self.store.pending() as u64 + u64::from(self.maint.owed()),
         })
     }
 }
