@@ -176,7 +176,7 @@ pub fn body_len(op: Op) -> Option<usize> {
     })
 }
 
-/// The order of the STATS reply's 13 numbers.
+/// The order of the STATS reply's 15 numbers (the first 13 in servers before write-back).
 pub const STATS_FIELDS: [&str; 15] = [
     "clients",
     "pools",
