@@ -338,6 +338,11 @@ fn text(page: usize, w: usize) -> u64 {
     })
 }
 
+/// The store's payload and metadata: what its pages cost, whatever the arena's slack.
+fn held(s: &pagestore::Stats) -> u64 {
+    s.payload_bytes() + s.metadata_bytes
+}
+
 #[test]
 fn pages_that_stay_away_are_recompressed_in_place_and_come_back_exact() {
     let policy = Policy {
@@ -358,11 +363,14 @@ fn pages_that_stay_away_are_recompressed_in_place_and_come_back_exact() {
         }
     }
     // Pages 0..32 are read now and then, so they come back while others are recompressed.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // On a loaded machine the scanner's passes fall behind, so wait for the last pages too.
+    let half = (pages * PAGE / 2 + (256 << 10)) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut round = 0;
     loop {
         let st = pager.stats();
-        if st.recompressed >= (pages - 64) as u64 || Instant::now() > deadline {
+        let done = st.recompressed >= (pages - 64) as u64 && held(&st.store) < half;
+        if done || Instant::now() > deadline {
             break;
         }
         round += 1;
@@ -382,9 +390,16 @@ fn pages_that_stay_away_are_recompressed_in_place_and_come_back_exact() {
         st.store
     );
     assert!(
-        st.bytes.store < (pages * PAGE / 2 + (256 << 10)) as u64,
+        held(&st.store) < half,
         "zstd holds these pages in about half: {:?}",
-        st.bytes
+        st.store
+    );
+    // Compaction gives back the holes in-place recompression leaves (about half the arena
+    // here), but a shard keeps up to two 16 KiB chunks of holes plus its newest chunk's end.
+    assert!(
+        st.store.slack_bytes <= 16 * 3 * (16 << 10),
+        "compaction leaves at most three chunks of slack a shard: {:?}",
+        st.store
     );
     for p in 0..pages {
         for w in 0..WORDS {
