@@ -84,6 +84,12 @@ pub struct Run {
     /// Other processes whose pages KSM merged during the KSM run (pid, pages): KSM's
     /// counters are global, so the KSM figure is then too good.
     pub other_ksm_users: Vec<(u32, u64)>,
+    /// KVM's exits and page faults for the guests, summed, after the warm-up (None: the
+    /// kernel has no vCPU statistics): what the engine's changes to the mappings cost them.
+    pub kvm: Option<vmm::KvmCounters>,
+    /// Seconds from the warm-up's end to the last sample: the window of `rounds_per_s` and
+    /// `kvm`.
+    pub window_s: f64,
 }
 
 /// Loads the images of a set.
@@ -187,6 +193,8 @@ pub fn run_one(
         rss_growth: 0,
         pages: None,
         other_ksm_users: Vec::new(),
+        kvm: None,
+        window_s: 0.0,
     };
     let results = std::thread::scope(|s| -> Result<Vec<Result<vmm::Exit, vmm::VmError>>> {
         let handles: Vec<_> = vms
@@ -201,7 +209,16 @@ pub fn run_one(
             .collect();
         let t0 = Instant::now();
         let mut warm_rounds = None;
+        let mut warm_kvm = None;
         let mut warm_at = t0;
+        let kvm_now = || {
+            controls
+                .iter()
+                .try_fold(vmm::KvmCounters::default(), |mut a, c| {
+                    a += c.kvm_counters()?;
+                    Some(a)
+                })
+        };
         let engine_cpu = || {
             pager.as_ref().map_or(0.0, |(pg, _)| pg.stats().cpu_s())
                 + ksm.as_ref().map_or(0.0, Ksm::cpu_s)
@@ -212,6 +229,7 @@ pub fn run_one(
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             if tick == b.warmup.min(b.seconds - 1) {
                 warm_rounds = Some(controls.iter().map(|c| c.rounds()).sum::<u64>());
+                warm_kvm = kvm_now();
                 warm_at = Instant::now();
             }
             if tick == b.seconds / 2 {
@@ -229,8 +247,17 @@ pub fn run_one(
             }
         }
         let rounds: u64 = controls.iter().map(|c| c.rounds()).sum();
-        run.rounds_per_s =
-            (rounds - warm_rounds.unwrap_or(0)) as f64 / warm_at.elapsed().as_secs_f64().max(1e-3);
+        run.kvm = kvm_now().map(|now| {
+            let w = warm_kvm.unwrap_or_default();
+            vmm::KvmCounters {
+                exits: now.exits - w.exits,
+                pf_taken: now.pf_taken - w.pf_taken,
+                pf_fixed: now.pf_fixed - w.pf_fixed,
+                pf_guest: now.pf_guest - w.pf_guest,
+            }
+        });
+        run.window_s = warm_at.elapsed().as_secs_f64().max(1e-3);
+        run.rounds_per_s = (rounds - warm_rounds.unwrap_or(0)) as f64 / run.window_s;
         run.cpu_late_core = (engine_cpu() - half.1) / half.0.elapsed().as_secs_f64().max(1e-3);
         let stats = held(&mut run);
         run.rss_growth = rss_now() - rss0;
@@ -373,6 +400,22 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             mib(k.ksm_pages_sharing * 4096),
             k.ksm_general_profit as f64 / (1 << 20) as f64
         );
+    }
+    let kvm: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            let k = r.kvm?;
+            let per_s = |n: u64| n as f64 / r.window_s;
+            Some(format!(
+                "{} {:.0} exits/s, {:.0} page faults/s",
+                r.policy,
+                per_s(k.exits),
+                per_s(k.pf_taken)
+            ))
+        })
+        .collect();
+    if !kvm.is_empty() {
+        o += &format!("KVM, all guests, after the warm-up: {}\n", kvm.join("; "));
     }
     for r in runs {
         if let Some(p) = &r.pages {

@@ -59,6 +59,8 @@ pub struct Control {
     /// The abort reason and the run to end, under one lock so that an abort and the start of
     /// a run cannot miss each other.
     state: Mutex<State>,
+    /// KVM's statistics files of the run's vCPUs (none where the kernel has no such file).
+    kvm: Mutex<Vec<crate::kvmstats::VcpuStats>>,
 }
 
 #[derive(Debug, Default)]
@@ -209,6 +211,25 @@ impl Control {
     /// Unties the run, once it is over.
     pub(crate) fn detach(&self) {
         lock(&self.state).run = None;
+    }
+
+    /// Keeps a vCPU's statistics file for [`Control::kvm_counters`].
+    pub(crate) fn add_kvm_stats(&self, s: crate::kvmstats::VcpuStats) {
+        lock(&self.kvm).push(s);
+    }
+
+    /// KVM's exits and page faults for the run's vCPUs, summed; readable during the run and
+    /// after it. None if the kernel gave no statistics file (before Linux 5.14).
+    pub fn kvm_counters(&self) -> Option<crate::kvmstats::KvmCounters> {
+        let files = lock(&self.kvm);
+        if files.is_empty() {
+            return None;
+        }
+        let mut sum = crate::kvmstats::KvmCounters::default();
+        for f in files.iter() {
+            sum += f.read().ok()?;
+        }
+        Some(sum)
     }
 }
 

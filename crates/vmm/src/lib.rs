@@ -14,6 +14,7 @@
 pub mod control;
 pub mod devices;
 pub mod kit;
+pub mod kvmstats;
 pub mod linux;
 pub mod loader;
 pub mod replay;
@@ -22,6 +23,7 @@ mod vm;
 pub mod x86;
 
 pub use control::{Control, Paused};
+pub use kvmstats::KvmCounters;
 pub use linux::{LinuxBoot, LinuxError};
 pub use replay::{ReplayError, ReplayParams, replay_ram_size};
 pub use state::{StateError, VmState};

@@ -488,6 +488,12 @@ impl Vm {
         };
         let stop = Arc::new(Stop::new(fds.len()));
         let control = control.map_or_else(|| Arc::new(Control::new()), Arc::clone);
+        for vcpu in &fds {
+            // Counters only: a kernel without the file runs the guest all the same.
+            if let Ok(st) = crate::kvmstats::VcpuStats::open(vcpu) {
+                control.add_kvm_stats(st);
+            }
+        }
         control.attach(&stop);
         let run = Run {
             stop: &stop,
