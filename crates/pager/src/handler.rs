@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use pagestore::{PAGE_SIZE, PageId};
 
 use crate::Inner;
+use crate::region::{ARMED, BUSY_RECLAIM, WRITTEN};
 use crate::region::{BUSY_FAULT, EMPTY, MAX_BACKOFF, Meta, REFAULTED, RESIDENT, Region, STORED};
-use crate::region::{BUSY_RECLAIM, WRITTEN};
 use crate::stats::{Form, thread_cpu_ns};
 use crate::uffd::{Event, Resolved};
 
@@ -283,7 +283,7 @@ fn write_protect(inner: &Inner, addr: u64, t0: Instant) -> Done {
     }
     match inner.uffd.write_protect(addr, 4096, false) {
         Ok(Resolved::Done | Resolved::Exists) => {
-            region.unlock(ix, m.set(WRITTEN));
+            region.unlock(ix, m.set(WRITTEN).clear(ARMED));
             c.write_protect.fetch_add(1, Relaxed);
             c.wp_latency.record(elapsed_ns(t0));
             Done::Yes

@@ -487,6 +487,7 @@ impl Pager {
             recompressed: ld(&c.recompressed),
             compacted_bytes: ld(&c.compacted_bytes),
             scans: ld(&c.scans),
+            armed: ld(&c.armed),
             scanner_cpu_s: ld(&c.scanner_cpu_ns) as f64 / 1e9,
             handler_cpu_s: ld(&c.handler_cpu_ns) as f64 / 1e9,
             failure,

@@ -29,6 +29,11 @@ pub(crate) const WRITTEN: u32 = 1 << 4;
 pub(crate) const REFAULTED: u32 = 1 << 5;
 /// A stored page already recompressed with the cold compressor (or found no smaller).
 pub(crate) const DEEP: u32 = 1 << 6;
+/// A resident page the scanner write-protected and no write has faulted on since. Arming it
+/// again would change nothing but cost the guest: every UFFDIO_WRITEPROTECT tells KVM to drop
+/// its mappings of the range, and the guest then faults on each page it touches, reads too.
+/// A hint only (reclaim protects each page itself): any change of place clears it.
+pub(crate) const ARMED: u32 = 1 << 7;
 const AGE_SHIFT: u32 = 8;
 const AGE_MASK: u32 = 0xff << AGE_SHIFT;
 const BACKOFF_SHIFT: u32 = 16;
@@ -53,8 +58,9 @@ impl Meta {
     pub fn state(self) -> u32 {
         self.0 & STATE_MASK
     }
+    /// In state `s`, with a fresh mapping: no longer [`ARMED`].
     pub fn with_state(self, s: u32) -> Meta {
-        Meta((self.0 & !STATE_MASK) | s)
+        Meta((self.0 & !(STATE_MASK | ARMED)) | s)
     }
     pub fn busy(self) -> bool {
         self.0 & BUSY != 0
@@ -281,14 +287,16 @@ mod tests {
             .with_form(Form::Patched)
             .with_rest(9)
             .with_heat(2)
-            .set(WRITTEN);
+            .set(WRITTEN | ARMED);
         assert_eq!(m.state(), RESIDENT);
         assert_eq!(m.age(), 200);
         assert_eq!(m.backoff(), 3);
         assert_eq!(m.form(), Form::Patched);
         assert_eq!(m.rest(), 9);
         assert_eq!(m.heat(), 2);
+        assert!(m.0 & ARMED != 0 && m.0 & WRITTEN != 0);
         assert!(!m.busy());
+        assert_eq!(m.with_state(STORED).0 & ARMED, 0);
         assert!(m.set(BUSY_FAULT).busy());
     }
 

@@ -8,7 +8,7 @@ use pagestore::{PAGE_SIZE, PageId, is_zero};
 
 use crate::Inner;
 use crate::region::{
-    Aged, BUSY_FAULT, BUSY_RECLAIM, DEEP, EMPTY, Meta, PAGE, RESIDENT, Region, STORED,
+    ARMED, Aged, BUSY_FAULT, BUSY_RECLAIM, DEEP, EMPTY, Meta, PAGE, RESIDENT, Region, STORED,
 };
 use crate::stats::{Form, thread_cpu_ns};
 use crate::uffd::Resolved;
@@ -66,10 +66,13 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
     let mut deep: Vec<(usize, usize)> = Vec::new();
     let deepen = policy.cold_compression.is_some() && policy.deep_scans > 0;
     let mut resident = 0u64;
+    let mut armed = 0u64;
     for (ri, region) in regions.iter().enumerate() {
         let mut arm_from: Option<usize> = None;
         for ix in 0..region.pages() {
-            let mut arm = true;
+            // A page not mapped (stored or empty) costs nothing to protect: it may lengthen
+            // a run, but never starts one.
+            let mut arm = arm_from.is_some();
             let mut verdict = None;
             let mut due = false;
             region.update(ix, |m| {
@@ -86,8 +89,14 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
                 if m.state() != RESIDENT {
                     return None;
                 }
-                let (n, a) = m.aged();
+                let (mut n, a) = m.aged();
                 verdict = Some((a, n.backoff()));
+                // A resting hot page is left writable; one protected already and not
+                // written since needs nothing, and protecting it again would cost the guest.
+                arm = !matches!(a, Aged::Modified { arm: false }) && n.0 & ARMED == 0;
+                if arm {
+                    n = n.set(ARMED);
+                }
                 Some(n)
             });
             if due {
@@ -95,11 +104,9 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
             }
             if let Some((a, backoff)) = verdict {
                 resident += 1;
+                armed += u64::from(arm);
                 match a {
-                    Aged::Modified { arm: a } => {
-                        nru[0] += 1;
-                        arm = a;
-                    }
+                    Aged::Modified { .. } => nru[0] += 1,
                     Aged::Referenced => nru[1] += 1,
                     Aged::Idle { age } => {
                         nru[if age >= policy.cold_scans { 3 } else { 2 }] += 1;
@@ -126,6 +133,7 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
         }
         throttle(inner, policy.cpu_budget, started, start_cpu);
     }
+    inner.counters.armed.fetch_add(armed, Relaxed);
     for (slot, n) in inner.counters.nru.iter().zip(nru) {
         slot.store(n, Relaxed);
     }
@@ -252,8 +260,15 @@ fn arm_range(inner: &Inner, region: &Region, from: usize, to: usize) {
     }
     let len = (to - from) as u64 * PAGE;
     // Arming is only a hint for aging (reclaim protects each page itself), so a retry
-    // later is as good as now.
-    let _ = inner.uffd.write_protect(region.addr(from), len, true);
+    // later is as good as now: the next scan arms again what this one could not.
+    if !matches!(
+        inner.uffd.write_protect(region.addr(from), len, true),
+        Ok(Resolved::Done | Resolved::Exists)
+    ) {
+        for ix in from..to {
+            region.update(ix, |m| (m.0 & ARMED != 0).then(|| m.clear(ARMED)));
+        }
+    }
 }
 
 /// Calls `f` on each run of consecutive page indices in `ixs` (sorted).

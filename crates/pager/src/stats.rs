@@ -168,6 +168,7 @@ pub(crate) struct Counters {
     pub recompressed: AtomicU64,
     pub compacted_bytes: AtomicU64,
     pub scans: AtomicU64,
+    pub armed: AtomicU64,
     pub scanner_cpu_ns: AtomicU64,
     pub handler_cpu_ns: AtomicU64,
     /// Fault service latency by the form the page came back from.
@@ -301,6 +302,10 @@ pub struct Stats {
     pub compacted_bytes: u64,
     /// Scans done.
     pub scans: u64,
+    /// Pages the scanner write-protected to watch for writes: each page once, and again only
+    /// after a write lifted it (protecting a page twice would only cost the guest).
+    #[serde(default)]
+    pub armed: u64,
     /// CPU time of the scanner (aging and reclaim), seconds.
     pub scanner_cpu_s: f64,
     /// CPU time of the fault handlers, seconds.

@@ -325,6 +325,64 @@ fn a_target_bounds_resident_memory() {
     }
 }
 
+/// Each page is write-protected once to watch it, and again only after a write: protecting
+/// it again would change nothing but make KVM drop its mappings of the page (the guest would
+/// then exit on its next touch, a read too).
+#[test]
+fn a_watched_page_is_protected_again_only_after_a_write() {
+    let policy = Policy {
+        interval: Duration::from_millis(20),
+        cold_scans: 255,
+        cpu_budget: 1.0,
+        target_resident: None,
+        handlers: 1,
+        cold_compression: None,
+        deep_scans: 0,
+    };
+    let pager = Pager::new(Mode::Full, policy).unwrap();
+    let pages = 256;
+    let region = pager.map_anonymous(pages * PAGE, "armed").unwrap();
+    for p in 0..pages {
+        fill(&region, p);
+    }
+    let scans = |n: u64| {
+        let until = pager.stats().scans + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pager.stats().scans < until {
+            assert!(Instant::now() < deadline, "the scanner stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // The fill's first touches are served unprotected: the first scan arms every page (the
+    // first scan may find a page's fault just served and leave it to the next).
+    scans(3);
+    let st = pager.stats();
+    assert_eq!(st.armed, pages as u64, "{st:?}");
+    scans(5);
+    assert_eq!(pager.stats().armed, pages as u64, "nothing was written");
+    // Ten pages are written once: each faults once, rests a scan, and is armed again.
+    for p in 0..10 {
+        write(&region, p, 0, 7);
+    }
+    scans(6);
+    let st = pager.stats();
+    assert_eq!(st.faults.write_protect, 10, "{:?}", st.faults);
+    assert_eq!(st.armed, pages as u64 + 10, "{st:?}");
+    // And they were armed for real: each new write faults again.
+    for p in 0..10 {
+        write(&region, p, 0, 8);
+    }
+    // (The handler counts a fault after waking its writer.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pager.stats().faults.write_protect < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(pager.stats().faults.write_protect, 20);
+    for p in 0..pages {
+        check(&region, p, if p < 10 { 8 } else { 0 }).unwrap();
+    }
+}
+
 /// A word of text over 16 letters, distinct for every page: LZ4 finds too few repeats to
 /// take it under 3/4 of a page, zstd's entropy coder halves it.
 fn text(page: usize, w: usize) -> u64 {
