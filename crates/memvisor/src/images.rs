@@ -220,13 +220,18 @@ reboot -f
 
 /// A busybox initramfs that runs [`GUEST_INIT`].
 pub fn guest_initramfs(busybox: &[u8]) -> Result<Vec<u8>> {
+    Ok(guest_cpio(busybox).finish())
+}
+
+/// The members of [`guest_initramfs`], for a caller to add its own files to before `finish`.
+pub fn guest_cpio(busybox: &[u8]) -> Cpio {
     let mut c = Cpio::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "root"] {
         c.dir(d);
     }
     c.file("bin/busybox", 0o755, busybox);
     c.file("init", 0o755, GUEST_INIT.as_bytes());
-    Ok(c.finish())
+    c
 }
 
 /// An initramfs in the kernel's "newc" cpio format (Documentation/driver-api/early-userspace/

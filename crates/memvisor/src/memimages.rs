@@ -376,7 +376,7 @@ fn cache_key(deb: &Debian) -> Result<u64> {
 
 /// The workloads' data, from Debian's kernel package (the same version as the kernel booted),
 /// unpacked once into the cache: the module trees of every workload and [`TEXT_FILES`].
-fn workload_data(deb: &Debian) -> Result<PathBuf> {
+pub(crate) fn workload_data(deb: &Debian) -> Result<PathBuf> {
     let v = &deb.kernel_version;
     let mut trees: Vec<&str> = WORKLOADS.iter().flat_map(|w| w.modules).copied().collect();
     trees.sort_unstable();
@@ -472,7 +472,7 @@ fn initramfs(deb: &Debian, data: &Path, w: &Workload) -> Result<Vec<u8>> {
 
 /// `src` (a directory or file) into the archive as `name`, in sorted order so that the same
 /// tree always makes the same archive.
-fn add_tree(c: &mut Cpio, src: &Path, name: &str) -> Result<()> {
+pub(crate) fn add_tree(c: &mut Cpio, src: &Path, name: &str) -> Result<()> {
     let meta =
         std::fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
     if meta.is_dir() {

@@ -6,11 +6,13 @@
 //! The harness builds an outer initramfs (busybox, the KVM modules, this very memvisor
 //! binary with its shared libraries, and the inner guest: Debian's kernel and the busybox
 //! initramfs), boots it in QEMU, and has the outer guest run `memvisor run` on the inner
-//! Linux; it returns memvisor's exit status and the whole console.
+//! Linux; it returns memvisor's exit status. [`boot`] runs any other job script in the same
+//! outer guest (`memvisor bench nested-memory`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +54,8 @@ pub struct Outcome {
 /// The line the outer init prints after memvisor exits.
 const STATUS_MARK: &str = "memvisor-nested: exit ";
 
+/// The outer guest's /init: the KVM modules, then the job (`/job`, sourced) once /dev/kvm is
+/// up, then power off.
 const OUTER_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -64,16 +68,55 @@ done
 if [ -e /dev/kvm ]; then
     echo "memvisor-nested: /dev/kvm is up: $(grep -o -w -m1 -e svm -e npt /proc/cpuinfo | tr '\n' ' ')"
     . /job
-    /memvisor "$@"
-    echo "memvisor-nested: exit $?"
 else
     echo "memvisor-nested: the outer guest has no /dev/kvm"
 fi
 poweroff -f
 "#;
 
+/// The outer QEMU machine.
+#[derive(Debug, Clone)]
+pub struct Outer {
+    /// RAM in MiB.
+    pub mib: u32,
+    /// CPUs (QEMU TCG threads).
+    pub cpus: u8,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// More outer kernel command line.
+    pub append: &'static str,
+    /// Kill QEMU once its console has been silent this long, and say it stalled (for a job
+    /// that prints a heartbeat).
+    pub quiet_limit: Option<Duration>,
+    /// This process's stdin is the outer console's keyboard (else QEMU reads nothing).
+    pub keyboard: bool,
+}
+
+/// What the outer guest runs once /dev/kvm is up.
+#[derive(Debug, Clone)]
+pub struct OuterJob {
+    /// A shell script the outer init sources; memvisor is `/memvisor`, the inner kernel
+    /// `/inner/kernel` and its initramfs `/inner/initrd.cpio`.
+    pub script: String,
+    /// The inner kernel (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// The inner initramfs.
+    pub initrd: Vec<u8>,
+}
+
+/// A whole outer run: its console (carriage returns kept) and wall time.
+#[derive(Debug)]
+pub struct Console {
+    /// Everything QEMU's serial line printed.
+    pub text: String,
+    /// Wall time of the whole QEMU run.
+    pub elapsed: Duration,
+    /// QEMU was killed because its console was silent past [`Outer::quiet_limit`].
+    pub stalled: bool,
+}
+
 /// Quotes `s` for the outer guest's shell.
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -105,7 +148,7 @@ fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The outer initramfs for `job`.
-fn outer_initramfs(deb: &images::Debian, job: &Nested) -> Result<Vec<u8>> {
+fn outer_initramfs(deb: &images::Debian, job: &OuterJob) -> Result<Vec<u8>> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let mut c = Cpio::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "modules", "inner"] {
@@ -123,9 +166,21 @@ fn outer_initramfs(deb: &images::Debian, job: &Nested) -> Result<Vec<u8>> {
         let rel = lib.to_string_lossy().trim_start_matches('/').to_owned();
         c.file_with_parents(&rel, 0o755, &read(&lib)?);
     }
-    let kernel = if job.elf { &deb.vmlinux } else { &deb.vmlinuz };
-    c.file("inner/kernel", 0o644, &read(kernel)?);
-    c.file("inner/initrd.cpio", 0o644, &read(&deb.initrd)?);
+    c.file("inner/kernel", 0o644, &read(&job.kernel)?);
+    c.file("inner/initrd.cpio", 0o644, &job.initrd);
+    c.file("job", 0o644, job.script.as_bytes());
+    c.file(
+        "init",
+        0o755,
+        OUTER_INIT
+            .replace("MODULES", &KVM_MODULES.join(" "))
+            .as_bytes(),
+    );
+    Ok(c.finish())
+}
+
+/// The job of `memvisor nested`: `memvisor run` on the inner Linux, its status printed.
+fn run_job(deb: &images::Debian, job: &Nested) -> Result<OuterJob> {
     let mut args = vec![
         "run".to_owned(),
         "--kernel".into(),
@@ -142,31 +197,82 @@ fn outer_initramfs(deb: &images::Debian, job: &Nested) -> Result<Vec<u8>> {
         args.extend(job.command.iter().cloned());
     }
     let quoted: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
-    c.file(
-        "job",
-        0o644,
-        format!("set -- {}\n", quoted.join(" ")).as_bytes(),
-    );
-    c.file(
-        "init",
-        0o755,
-        OUTER_INIT
-            .replace("MODULES", &KVM_MODULES.join(" "))
-            .as_bytes(),
-    );
-    Ok(c.finish())
+    let initrd =
+        std::fs::read(&deb.initrd).with_context(|| format!("reading {}", deb.initrd.display()))?;
+    Ok(OuterJob {
+        script: format!(
+            "set -- {}\n/memvisor \"$@\"\necho \"{STATUS_MARK}$?\"\n",
+            quoted.join(" ")
+        ),
+        kernel: (if job.elf { &deb.vmlinux } else { &deb.vmlinuz }).clone(),
+        initrd,
+    })
 }
 
 /// Runs `job` in QEMU and returns how it ended.
 pub fn run(job: &Nested) -> Result<Outcome> {
     let deb = images::debian()?;
+    let outer = Outer {
+        mib: job.outer_mib,
+        cpus: job.outer_cpus,
+        timeout: job.timeout,
+        keyboard: job.command.is_empty(),
+        append: "",
+        quiet_limit: None,
+    };
+    let echo = job.echo;
+    let console = boot(&outer, &run_job(&deb, job)?, move |line| {
+        if echo {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    let status = console
+        .text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(STATUS_MARK))
+        .next_back()
+        .and_then(|s| s.trim().parse().ok());
+    Ok(Outcome {
+        status,
+        elapsed: console.elapsed,
+    })
+}
+
+/// Boots the outer guest on `job` and returns its console once QEMU exits (the job's end
+/// powers it off). `on_line` sees each console line as it arrives, its newline included.
+pub fn boot(
+    outer: &Outer,
+    job: &OuterJob,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> Result<Console> {
+    let deb = images::debian()?;
     let cpio = outer_initramfs(&deb, job)?;
     let dir = images::cache_dir().join("nested");
     std::fs::create_dir_all(&dir)?;
-    let initrd = dir.join(format!("outer-{}.cpio", std::process::id()));
+    // Named by pid and a counter: a bench boots several outer guests, one after another.
+    static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let initrd = dir.join(format!("outer-{}-{n}.cpio", std::process::id()));
     std::fs::write(&initrd, cpio)?;
+    let monitor = std::env::var("MEMVISOR_QEMU_MONITOR")
+        .map_or_else(|_| "none".to_owned(), |p| format!("unix:{p},server,nowait"));
     let start = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut qemu, || {
+            // A QEMU whose memvisor was killed would otherwise run on to its own timeout,
+            // taking a core from whatever runs next.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = qemu
         // mem-merge=off: this QEMU's RAM is never KSM's business, and KSM's counters are global,
         // so a KSM experiment running beside it must not count its pages.
         .args([
@@ -177,16 +283,18 @@ pub fn run(job: &Nested) -> Result<Outcome> {
             "-machine",
             "q35,mem-merge=off",
         ])
-        .args(["-m", &job.outer_mib.to_string()])
-        .args(["-smp", &job.outer_cpus.to_string()])
+        .args(["-m", &outer.mib.to_string()])
+        .args(["-smp", &outer.cpus.to_string()])
         .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
-        .args(["-monitor", "none", "-no-reboot"])
+        // A monitor socket only when asked, to look inside an outer guest that stalls.
+        .args(["-monitor", &monitor, "-no-reboot"])
         .arg("-kernel")
         .arg(&deb.vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(if job.command.is_empty() {
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {}", outer.append).trim_end())
+        .stdin(if outer.keyboard {
             Stdio::inherit()
         } else {
             Stdio::null()
@@ -211,28 +319,33 @@ pub fn run(job: &Nested) -> Result<Outcome> {
         let _ = std::io::Read::read_to_string(&mut err_pipe, &mut s);
         s
     });
-    let echo = job.echo;
+    // Milliseconds from the start to the console's latest line.
+    let last_line = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last = std::sync::Arc::clone(&last_line);
     let reader = std::thread::spawn(move || {
         let mut console = String::new();
         let mut lines = BufReader::new(stdout);
         let mut line = Vec::new();
         while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last.store(ms, Ordering::Relaxed);
             let text = String::from_utf8_lossy(&line);
-            if echo {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
-            }
+            on_line(&text);
             console.push_str(&text);
             line.clear();
         }
         console
     });
+    let mut stalled = false;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break Some(s);
         }
-        if start.elapsed() > job.timeout {
+        let quiet = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last_line.load(Ordering::Relaxed)));
+        stalled = outer.quiet_limit.is_some_and(|q| quiet > q);
+        if stalled || start.elapsed() > outer.timeout {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -243,10 +356,17 @@ pub fn run(job: &Nested) -> Result<Outcome> {
     let stderr = errors.join().unwrap_or_default();
     let _ = std::fs::remove_file(&initrd);
     let elapsed = start.elapsed();
+    if stalled {
+        return Ok(Console {
+            text: console,
+            elapsed,
+            stalled,
+        });
+    }
     let Some(qemu) = status else {
         bail!(
             "the nested run took longer than {} s; its console:\n{console}",
-            job.timeout.as_secs()
+            outer.timeout.as_secs()
         );
     };
     if !qemu.success() {
@@ -255,10 +375,9 @@ pub fn run(job: &Nested) -> Result<Outcome> {
             stderr.trim()
         );
     }
-    let status = console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(STATUS_MARK))
-        .next_back()
-        .and_then(|s| s.trim().parse().ok());
-    Ok(Outcome { status, elapsed })
+    Ok(Console {
+        text: console,
+        elapsed,
+        stalled,
+    })
 }
