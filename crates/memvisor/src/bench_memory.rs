@@ -144,7 +144,7 @@ pub fn run_one(
             let cold = (mode == pager::Mode::Full).then_some(b.compression);
             let pol =
                 memory::pager_policy(b.cold_secs, b.cpu_budget, None, cold, b.recompress_after)?;
-            let (pg, regions) = memory::pager_for(mode.store_config(), pol, &rams)?;
+            let (pg, regions) = memory::pager_for(mode.store_config(), pol, &rams, true)?;
             let cs = controls.clone();
             pg.on_failure(move |why| {
                 for c in &cs {

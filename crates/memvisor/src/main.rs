@@ -6,6 +6,7 @@ mod alloc;
 mod analyze;
 mod bench;
 mod bench_memory;
+mod bench_nested;
 mod bench_snapshot;
 mod demo;
 mod images;
@@ -108,14 +109,46 @@ enum Cmd {
         /// idle longest first.
         #[arg(long)]
         target: Option<String>,
+        /// KSM (--policy ksm): ksmd's pages_to_scan (KSM's default rate is 100 pages per
+        /// 20 ms; the setting is global and stays until this VM exits).
+        #[arg(long, default_value_t = 100)]
+        ksm_pages: u64,
+        /// KSM (--policy ksm): ksmd's sleep_millisecs.
+        #[arg(long, default_value_t = 20)]
+        ksm_sleep: u64,
         /// Where the VM answers `memvisor stats` and `memvisor snapshot take` (default
         /// /run/memvisor/PID.sock).
         #[arg(long, alias = "stats-socket")]
         control_socket: Option<std::path::PathBuf>,
+        /// Start with the memory engine off (the pager's scanner, or ksmd; the pager's fault
+        /// service runs regardless); `memvisor engine TARGET on` turns it on.
+        #[arg(long)]
+        engine_off: bool,
+        /// Boot this many copies of the guest in this one process, their guest RAM under one
+        /// pager (one store: a page the copies have in common is kept once) or one KSM; each
+        /// copy's console goes to DIR/guest-I.log (--console-dir), I from 1.
+        #[arg(long, default_value_t = 1)]
+        copies: usize,
+        /// With --copies: the directory for the consoles (made if missing).
+        #[arg(long)]
+        console_dir: Option<std::path::PathBuf>,
+        /// With --copies: start copy I (from 0) I times this many seconds after the first, so
+        /// that their boots do not all fall together.
+        #[arg(long, default_value_t = 0.0)]
+        stagger: f64,
         /// For Linux: a command that the busybox initramfs runs in place of a shell (it goes
         /// after `--` on the kernel command line); its status becomes memvisor's.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Turns a running VM's memory engine on or off: the pager's scanner (its fault service
+    /// runs regardless), or ksmd (KSM has one switch for the whole host).
+    Engine {
+        /// The VM: its pid or its control socket; by default the only one running.
+        target: Option<String>,
+        /// on or off.
+        #[arg(long, value_parser = ["on", "off"])]
+        set: String,
     },
     /// Live memory stats of a VM started with `memvisor run --policy ...`.
     Stats {
@@ -386,6 +419,54 @@ enum BenchCmd {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
         /// A line per second per run.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// The homogeneous case of `bench memory` on live Linux guests, in the nested harness
+    /// (QEMU TCG with emulated SVM): N guests of Debian's kernel doing the same workload, each
+    /// a `memvisor run` of its own, under each policy in turn, one fresh outer guest per
+    /// policy, KSM inside the same outer guest as the baseline (docs/nested-memory.md).
+    NestedMemory {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Inner guests per policy.
+        #[arg(long, default_value_t = 3)]
+        guests: usize,
+        /// Each inner guest's RAM.
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// Seconds the pager or ksmd gets after the last guest has done its workload.
+        #[arg(long, default_value_t = 40)]
+        seconds: u64,
+        /// Policies to run, comma-separated (none, ksm, share, share+patch, full).
+        #[arg(long, default_value = "ksm,full")]
+        policies: String,
+        /// KSM's pages_to_scan during the KSM run.
+        #[arg(long, default_value_t = 1000)]
+        ksm_pages: u64,
+        /// KSM's sleep_millisecs during the KSM run.
+        #[arg(long, default_value_t = 10)]
+        ksm_sleep: u64,
+        /// Pager: seconds untouched before a page is cold (counted from when the engines
+        /// start, once every guest is ready).
+        #[arg(long, default_value_t = 5.0)]
+        cold: f64,
+        /// Pager: CPU budget of each guest's scanner, as a fraction of one core.
+        #[arg(long, default_value_t = 1.0)]
+        cpu_budget: f64,
+        /// The outer guest's RAM in MiB (default: the guests' RAM plus 768 MiB, at least
+        /// 1536).
+        #[arg(long)]
+        outer_memory: Option<u32>,
+        /// Give up on one policy's outer run after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Run all guests in one `memvisor run --copies N`, under one pager with one store
+        /// (as `bench memory` does), instead of a process per guest.
+        #[arg(long)]
+        one_process: bool,
+        /// Copy the outer guest's console to stderr.
         #[arg(long)]
         verbose: bool,
     },
@@ -743,16 +824,16 @@ pub(crate) fn control_answer(
     req: &serde_json::Value,
     vm: &snap::VmHandle,
     pager: Option<&pager::Pager>,
+    ksm: Option<&memory::Ksm>,
 ) -> serde_json::Value {
     let err = |e: String| serde_json::json!({ "error": e });
     match req.get("op").and_then(serde_json::Value::as_str) {
+        Some("engine") => engine_answer(req, pager, ksm),
         Some("stats") => match pager {
             Some(pg) => serde_json::to_value(pg.stats()).unwrap_or_default(),
-            None => err(
-                "this VM runs without a pager (--policy none or ksm): it has no \
-                         memory stats; start it with --policy full"
-                    .into(),
-            ),
+            // Without a pager, what guest RAM holds resident: the figure `none` and KSM are
+            // measured by.
+            None => serde_json::to_value(memory::RamStats::of(vm.ram, vm.len)).unwrap_or_default(),
         },
         Some("snapshot") => match serde_json::from_value::<snap::TakeRequest>(req.clone()) {
             Ok(r) => match snap::take(vm, &r) {
@@ -761,20 +842,49 @@ pub(crate) fn control_answer(
             },
             Err(e) => err(format!("bad snapshot request: {e}")),
         },
-        _ => err("unknown request (this memvisor answers stats and snapshot)".into()),
+        _ => err("unknown request (this memvisor answers stats, engine and snapshot)".into()),
     }
 }
 
-/// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
+/// The answer to `{"op":"engine","on":BOOL}`: the pager's scanner or ksmd on or off.
+fn engine_answer(
+    req: &serde_json::Value,
+    pager: Option<&pager::Pager>,
+    ksm: Option<&memory::Ksm>,
+) -> serde_json::Value {
+    let Some(on) = req.get("on").and_then(serde_json::Value::as_bool) else {
+        return serde_json::json!({ "error": "engine: say \"on\": true or false" });
+    };
+    match (pager, ksm) {
+        (Some(pg), _) => pg.set_scanning(on),
+        (None, Some(k)) => {
+            if let Err(e) = k.set_running(on) {
+                return serde_json::json!({ "error": format!("{e:#}") });
+            }
+        }
+        (None, None) => {
+            return serde_json::json!({
+                "error": "this VM runs with no memory engine (--policy none)"
+            });
+        }
+    }
+    serde_json::json!({ "on": on })
+}
+
 /// `memvisor run`'s memory policy options.
 struct MemoryArgs {
     policy: memory::Policy,
     cold: f64,
     cpu_budget: f64,
     target: Option<u64>,
+    /// ksmd's pages_to_scan and sleep_millisecs under --policy ksm.
+    ksm_rate: (u64, u64),
+    /// Start with the scanner or ksmd off.
+    engine_off: bool,
     socket: Option<std::path::PathBuf>,
 }
 
+/// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
 fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u8> {
     use std::os::fd::AsFd;
     use vmm_sys_util::terminal::Terminal;
@@ -797,10 +907,11 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
     let control = std::sync::Arc::new(vmm::Control::new());
     let ksm = match mem.policy {
         memory::Policy::Ksm => {
-            // KSM's own default rate: what a user who just turns it on gets.
-            let k = memory::Ksm::start(100, 20)?;
+            // KSM's own default rate (100 pages per 20 ms) unless told otherwise: what a user
+            // who just turns it on gets.
+            let k = memory::Ksm::with_run(mem.ksm_rate.0, mem.ksm_rate.1, !mem.engine_off)?;
             k.merge(ram, ram_len)?;
-            Some(k)
+            Some(std::sync::Arc::new(k))
         }
         _ => None,
     };
@@ -815,7 +926,12 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
             cold,
             memory::RECOMPRESS_AFTER,
         )?;
-        let (pg, regions) = memory::pager_for(mode.store_config(), policy, &[(ram, ram_len)])?;
+        let (pg, regions) = memory::pager_for(
+            mode.store_config(),
+            policy,
+            &[(ram, ram_len)],
+            !mem.engine_off,
+        )?;
         let pg = std::sync::Arc::new(pg);
         let c = std::sync::Arc::clone(&control);
         pg.on_failure(move |why| c.abort(format!("the pager's fault service failed: {why}")));
@@ -844,8 +960,14 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         }),
     };
     let for_socket = pager.as_ref().map(|(pg, _)| std::sync::Arc::clone(pg));
+    let ksm_for_socket = ksm.clone();
     let _control_server = memory::ControlServer::start(&path, move |req| {
-        control_answer(req, &handle, for_socket.as_deref())
+        control_answer(
+            req,
+            &handle,
+            for_socket.as_deref(),
+            ksm_for_socket.as_deref(),
+        )
     })?;
     if pager.is_some() {
         eprintln!(
@@ -892,6 +1014,193 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         vmm::Exit::Reset | vmm::Exit::Halt | vmm::Exit::Quit => 0,
         vmm::Exit::Panic => bail!("the guest kernel panicked (its console above says why)"),
     })
+}
+
+/// `memvisor run --copies N`: N guests booted alike in this one process, their guest RAM under
+/// one pager or one KSM, each console to a file in `dir`; returns the first non-zero status.
+fn run_copies(
+    memory: &str,
+    vcpus: u8,
+    boot: &Boot,
+    mem: &MemoryArgs,
+    copies: usize,
+    dir: &std::path::Path,
+    stagger: f64,
+) -> Result<u8> {
+    use std::sync::Arc;
+
+    if !(0.0..=3600.0).contains(&stagger) {
+        bail!("--stagger must be 0 to 3600 seconds");
+    }
+    if let memory::Policy::Pager(_) = mem.policy {
+        pager::uffd::Uffd::new()?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let size = parse_size(memory)?;
+    let vms: Vec<vmm::Vm> = (0..copies)
+        .map(|_| vmm::Vm::new(size))
+        .collect::<Result<_, _>>()?;
+    let rams: Vec<(*mut u8, usize)> = vms.iter().map(vmm::Vm::ram_host_range).collect();
+    let controls: Vec<Arc<vmm::Control>> =
+        vms.iter().map(|_| Arc::new(vmm::Control::new())).collect();
+    let ksm = match mem.policy {
+        memory::Policy::Ksm => {
+            let k = memory::Ksm::with_run(mem.ksm_rate.0, mem.ksm_rate.1, !mem.engine_off)?;
+            for &(p, l) in &rams {
+                k.merge(p, l)?;
+            }
+            Some(Arc::new(k))
+        }
+        _ => None,
+    };
+    let mut pager = None;
+    if let memory::Policy::Pager(mode) = mem.policy {
+        for &(p, l) in &rams {
+            memory::no_huge_pages(p, l);
+        }
+        let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
+        let policy = memory::pager_policy(
+            mem.cold,
+            mem.cpu_budget,
+            mem.target,
+            cold,
+            memory::RECOMPRESS_AFTER,
+        )?;
+        let (pg, regions) = memory::pager_for(mode.store_config(), policy, &rams, !mem.engine_off)?;
+        let pg = Arc::new(pg);
+        let cs = controls.clone();
+        pg.on_failure(move |why| {
+            for c in &cs {
+                c.abort(format!("the pager's fault service failed: {why}"));
+            }
+        });
+        pager = Some((pg, regions));
+    }
+    // One socket for all copies: the pager's stats cover every copy; without a pager, the
+    // resident guest RAM of all of them. Snapshots are of one VM, so they are refused here.
+    let path = mem
+        .socket
+        .clone()
+        .unwrap_or_else(|| memory::socket_dir().join(format!("{}.sock", std::process::id())));
+    let handles: Vec<snap::VmHandle> = rams
+        .iter()
+        .zip(&controls)
+        .map(|(&(ram, len), c)| snap::VmHandle {
+            ram,
+            len,
+            control: Arc::clone(c),
+            busy: Some("it is one of several copies in one process (--copies)".into()),
+            no_live: None,
+        })
+        .collect();
+    let for_socket = pager.as_ref().map(|(pg, _)| Arc::clone(pg));
+    let ksm_for_socket = ksm.clone();
+    let control_server = memory::ControlServer::start(&path, move |req| {
+        match req.get("op").and_then(serde_json::Value::as_str) {
+            Some("stats") => {}
+            Some("engine") => {
+                return engine_answer(req, for_socket.as_deref(), ksm_for_socket.as_deref());
+            }
+            _ => {
+                return serde_json::json!({
+                    "error": "this process runs several copies (--copies): it answers stats \
+                              and engine only"
+                });
+            }
+        }
+        match &for_socket {
+            Some(pg) => serde_json::to_value(pg.stats()).unwrap_or_default(),
+            None => {
+                let all = handles
+                    .iter()
+                    .map(|h| memory::RamStats::of(h.ram, h.len))
+                    .fold(
+                        memory::RamStats {
+                            ram_bytes: 0,
+                            resident_bytes: 0,
+                        },
+                        |a, b| memory::RamStats {
+                            ram_bytes: a.ram_bytes + b.ram_bytes,
+                            resident_bytes: a.resident_bytes + b.resident_bytes,
+                        },
+                    );
+                serde_json::to_value(all).unwrap_or_default()
+            }
+        }
+    })?;
+    eprintln!(
+        "memvisor: {copies} copies under --policy {}, consoles in {}; live stats: memvisor stats \
+         {}",
+        mem.policy.name(),
+        dir.display(),
+        path.display()
+    );
+    let image = match boot {
+        Boot::Image(p) => {
+            Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        Boot::Linux(_) => None,
+    };
+    let start = std::time::Instant::now();
+    let results: Vec<Result<vmm::Exit>> = std::thread::scope(|s| {
+        let threads: Vec<_> = vms
+            .iter()
+            .zip(&controls)
+            .enumerate()
+            .map(|(i, (vm, control))| {
+                let image = image.as_deref();
+                s.spawn(move || -> Result<vmm::Exit> {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(stagger * i as f64));
+                    let log = dir.join(format!("guest-{}.log", i + 1));
+                    let console = std::fs::File::create(&log)
+                        .with_context(|| format!("creating {}", log.display()))?;
+                    let r = match (boot, image) {
+                        (Boot::Linux(linux), _) => {
+                            vm.run_linux_ctl(linux, vcpus, console, None, Some(control))
+                        }
+                        (Boot::Image(_), Some(bytes)) => {
+                            vm.run_image_ctl(bytes, vcpus, console, None, Some(control))
+                        }
+                        (Boot::Image(_), None) => unreachable!("read above"),
+                    };
+                    Ok(r.with_context(|| format!("copy {}", i + 1))?.0)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a copy's thread panicked")))
+            })
+            .collect()
+    });
+    drop(control_server);
+    if let Some((pg, regions)) = &pager {
+        eprint!("memvisor: memory at exit\n{}", memory::render(&pg.stats()));
+        for r in regions {
+            pg.forget(r)?;
+        }
+    }
+    drop(ksm);
+    let mut status = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let exit = r?;
+        eprintln!(
+            "memvisor: copy {} after {:.3} s: {exit:?}",
+            i + 1,
+            start.elapsed().as_secs_f64()
+        );
+        let s = match exit {
+            vmm::Exit::Status(s) => s,
+            vmm::Exit::Reset | vmm::Exit::Halt | vmm::Exit::Quit => 0,
+            vmm::Exit::Panic => bail!("copy {}'s kernel panicked (its console says why)", i + 1),
+        };
+        if status == 0 {
+            status = s;
+        }
+    }
+    Ok(status)
 }
 
 fn main() -> std::process::ExitCode {
@@ -1062,6 +1371,63 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench {
             what:
+                BenchCmd::NestedMemory {
+                    json,
+                    guests,
+                    memory,
+                    seconds,
+                    policies,
+                    ksm_pages,
+                    ksm_sleep,
+                    cold,
+                    cpu_budget,
+                    outer_memory,
+                    timeout,
+                    one_process,
+                    verbose,
+                },
+        } => {
+            if guests == 0 || seconds < 2 {
+                bail!("--guests must be at least 1 and --seconds at least 2");
+            }
+            memory::pager_policy(cold, cpu_budget, None, None, 0.0)?;
+            let guest_mib = parse_size(&memory)? >> 20;
+            // The outer guest holds the guests' RAM at most, plus its own kernel, the
+            // initramfs (memvisor, the inner kernel and initramfs) and the pagers' stores.
+            let outer_mib = match outer_memory {
+                Some(m) => m,
+                None => u32::try_from(guest_mib * guests as u64 + 768)
+                    .ok()
+                    .filter(|&m| m <= 1 << 20)
+                    .context("--guests times --memory is too large for the outer guest")?
+                    .max(1536),
+            };
+            let policies = policies
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<memory::Policy>>>()?;
+            let b = bench_nested::Bench {
+                guests,
+                memory,
+                seconds,
+                policies,
+                ksm: (ksm_pages, ksm_sleep),
+                cold_secs: cold,
+                cpu_budget,
+                outer_mib,
+                timeout: std::time::Duration::from_secs(timeout),
+                one_process,
+                verbose,
+            };
+            let runs = bench_nested::run(&b)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print!("{}", bench_nested::table(&b, &runs));
+            }
+        }
+        Cmd::Bench {
+            what:
                 BenchCmd::Tmem {
                     json,
                     clients,
@@ -1137,7 +1503,13 @@ fn run(cli: Cli) -> Result<()> {
             cold,
             cpu_budget,
             target,
+            ksm_pages,
+            ksm_sleep,
             control_socket,
+            copies,
+            console_dir,
+            stagger,
+            engine_off,
         } => {
             let linux_boot = |kernel, initrd| -> Result<Boot> {
                 Ok(Boot::Linux(vmm::LinuxBoot {
@@ -1166,9 +1538,18 @@ fn run(cli: Cli) -> Result<()> {
                 cold,
                 cpu_budget,
                 target: target.as_deref().map(parse_size).transpose()?,
+                ksm_rate: (ksm_pages, ksm_sleep),
+                engine_off,
                 socket: control_socket,
             };
-            let status = run_guest(&memory, vcpus, &boot, &mem)?;
+            let status = match (copies, console_dir) {
+                (0, _) => bail!("--copies must be at least 1"),
+                (1, None) => run_guest(&memory, vcpus, &boot, &mem)?,
+                (n, Some(dir)) => run_copies(&memory, vcpus, &boot, &mem, n, &dir, stagger)?,
+                (_, None) => bail!(
+                    "--copies needs --console-dir DIR: each copy's console goes to a file there"
+                ),
+            };
             std::process::exit(i32::from(status));
         }
         Cmd::Snapshot { what } => run_snapshot(what)?,
@@ -1200,10 +1581,20 @@ fn run(cli: Cli) -> Result<()> {
             let store = store.unwrap_or_else(snap::default_store);
             snap::page_server(&store, &name, &socket, once)?;
         }
+        Cmd::Engine { target, set } => {
+            memory::control_request(
+                target.as_deref(),
+                &serde_json::json!({ "op": "engine", "on": set == "on" }),
+            )?;
+        }
         Cmd::Stats { json, target } => {
             let v = memory::fetch_stats(target.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.get("resident_bytes").is_some() {
+                let r: memory::RamStats = serde_json::from_value(v)
+                    .context("the stats socket answered with something else")?;
+                print!("{}", r.render());
             } else {
                 let st: pager::Stats = serde_json::from_value(v)
                     .context("the stats socket answered with something else")?;

@@ -78,6 +78,37 @@ pub fn resident_pages(ptr: *mut u8, len: usize) -> u64 {
     v.iter().filter(|&&b| b & 1 != 0).count() as u64
 }
 
+/// What a VM without a pager answers to `stats`: its guest RAM and how much of it is resident,
+/// which is its whole footprint under `none` and KSM's before KSM's own saving
+/// (../shared/MEASURING.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RamStats {
+    /// Guest RAM's size.
+    pub ram_bytes: u64,
+    /// Of which resident (mincore); a page KSM merged counts here in every guest that maps it.
+    pub resident_bytes: u64,
+}
+
+impl RamStats {
+    /// The figures of guest RAM at [ptr, ptr+len).
+    pub fn of(ptr: *mut u8, len: usize) -> RamStats {
+        RamStats {
+            ram_bytes: len as u64,
+            resident_bytes: resident_pages(ptr, len) * 4096,
+        }
+    }
+
+    /// As a line for people.
+    pub fn render(&self) -> String {
+        format!(
+            "guest RAM {}, resident {} (no pager: policy none or ksm; what KSM merged is \
+             counted for the whole host in /sys/kernel/mm/ksm/pages_sharing)\n",
+            mib(self.ram_bytes),
+            mib(self.resident_bytes)
+        )
+    }
+}
+
 /// Turns off transparent huge pages for a guest RAM range: the pager and KSM both work in
 /// 4 KiB pages, and a huge page would make one touched page cost 2 MiB for every policy.
 pub fn no_huge_pages(ptr: *mut u8, len: usize) {
@@ -112,6 +143,11 @@ pub struct Ksm {
 impl Ksm {
     /// Starts ksmd with this rate (KSM's default is 100 pages per 20 ms).
     pub fn start(pages_to_scan: u64, sleep_ms: u64) -> Result<Ksm> {
+        Ksm::with_run(pages_to_scan, sleep_ms, true)
+    }
+
+    /// Sets the rate and ksmd running or not (`set_running` later).
+    pub fn with_run(pages_to_scan: u64, sleep_ms: u64, run: bool) -> Result<Ksm> {
         let saved = [
             ("run", ksm_read("run")?),
             ("pages_to_scan", ksm_read("pages_to_scan")?),
@@ -119,10 +155,16 @@ impl Ksm {
         ];
         ksm_write("pages_to_scan", pages_to_scan)?;
         ksm_write("sleep_millisecs", sleep_ms)?;
-        ksm_write("run", 1)?;
+        // Stopping (0) keeps what is merged; only `run 2` (at drop) unmerges.
+        ksm_write("run", u64::from(run))?;
         let ksmd = find_ksmd();
         let cpu0 = ksmd.map_or(0.0, crate::tmem_cmd::cpu_of);
         Ok(Ksm { saved, ksmd, cpu0 })
+    }
+
+    /// Starts or stops ksmd (for the whole host: KSM has one switch).
+    pub fn set_running(&self, on: bool) -> Result<()> {
+        ksm_write("run", u64::from(on))
     }
 
     /// Marks guest RAM mergeable.
@@ -490,8 +532,11 @@ pub fn pager_for(
     config: pagestore::Config,
     policy: PagerPolicy,
     rams: &[(*mut u8, usize)],
+    scan: bool,
 ) -> Result<(Pager, Vec<Arc<pager::Region>>)> {
-    let pager = Pager::with_config(config, policy, true).context("starting the pager")?;
+    // `scan` false: the fault service only, until `set_scanning(true)`; set here, not after,
+    // so that not even a first scan runs.
+    let pager = Pager::with_config(config, policy, scan).context("starting the pager")?;
     let mut regions = Vec::new();
     for (i, &(ptr, len)) in rams.iter().enumerate() {
         // SAFETY: each range is a VM's guest RAM, which the caller keeps mapped until it

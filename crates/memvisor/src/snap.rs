@@ -233,7 +233,7 @@ pub fn restore<W: std::io::Write + Send>(
                 no_live: None,
             };
             crate::memory::ControlServer::start(path, move |req| {
-                crate::control_answer(req, &handle, None)
+                crate::control_answer(req, &handle, None, None)
             })
         })
         .transpose()?;

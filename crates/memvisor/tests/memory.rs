@@ -169,3 +169,77 @@ fn bench_memory_compares_policies_on_real_images() {
     );
     assert!(full["rounds_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `run --copies`: two memtests in one process under one pager, started with the engine off
+/// and turned on from outside; `stats` covers both, and each console has its own file.
+#[test]
+fn copies_share_one_pager_whose_engine_is_turned_on_from_outside() {
+    let dir = std::env::temp_dir().join(format!("mv-copies-{}", std::process::id()));
+    let sock = dir.join("vm.sock");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut vm = bin()
+        .args([
+            "run", "--guest", "memtest", "--memory", "256M", "--policy", "full",
+        ])
+        .args([
+            "--cold",
+            "1",
+            "--engine-off",
+            "--copies",
+            "2",
+            "--console-dir",
+        ])
+        .arg(&dir)
+        .arg("--control-socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = || -> serde_json::Value {
+        let out = memvisor(&["stats", "--json", sock.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Engine off: the fault service runs (first touches), the scanner does not.
+    let off = stats();
+    assert_eq!(off["pages"]["total"], 2 * 65536, "both copies' RAM: {off}");
+    assert_eq!(off["scans"], 0, "{off}");
+    let on = memvisor(&["engine", sock.to_str().unwrap(), "--set", "on"]);
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats()["scans"].as_u64().unwrap() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stats()["scans"].as_u64().unwrap() > 0,
+        "the scanner runs once turned on"
+    );
+    let status = vm.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(vm.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    for i in 1..=2 {
+        let console = std::fs::read_to_string(dir.join(format!("guest-{i}.log"))).unwrap();
+        assert!(console.contains("memtest: ok"), "copy {i}: {console}");
+    }
+    assert!(err.contains("2 copies under --policy full"), "{err}");
+    // --copies without a directory for the consoles is refused with the fix.
+    let out = memvisor(&["run", "--guest", "memtest", "--copies", "2"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--console-dir"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -156,11 +156,17 @@ fn replay_walks_a_real_image_and_stops_on_request() {
     );
     // KVM's own counters of the run, read after it: the guest exited (its port I/O at least
     // once a round), and KVM mapped the pages it touched, each on a page fault of its own.
-    let kvm = control.kvm_counters().expect("this kernel has vCPU statistics");
+    let kvm = control
+        .kvm_counters()
+        .expect("this kernel has vCPU statistics");
     assert!(kvm.exits >= rounds, "{kvm:?}");
     assert!(kvm.pf_taken > 0 && kvm.pf_fixed > 0, "{kvm:?}");
     assert!(kvm.pf_fixed <= kvm.pf_taken, "{kvm:?}");
-    assert_eq!(control.kvm_counters(), Some(kvm), "the run is over: nothing moves");
+    assert_eq!(
+        control.kvm_counters(),
+        Some(kvm),
+        "the run is over: nothing moves"
+    );
 
     // The guest never touched a zero page (none was brought in), and changed only hot pages,
     // each in one word, by one per round: about 10% of the pages with content.
