@@ -318,6 +318,18 @@ pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
+/// `held` as the saving against `base` ("81%") and as a ratio to `ksm` ("0.497"), each "-"
+/// without its run.
+pub(crate) fn saved_and_vs_ksm(held: u64, base: Option<u64>, ksm: Option<u64>) -> (String, String) {
+    let saved = base.map_or(String::from("-"), |x| {
+        format!("{:.0}%", 100.0 * (1.0 - held as f64 / x.max(1) as f64))
+    });
+    let vs_ksm = ksm.map_or(String::from("-"), |k| {
+        format!("{:.3}", held as f64 / k.max(1) as f64)
+    });
+    (saved, vs_ksm)
+}
+
 /// The table comparing runs.
 pub fn table(b: &Bench, runs: &[Run]) -> String {
     let base = runs.iter().find(|r| r.policy == "none");
@@ -350,15 +362,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         "RSS+ MiB"
     );
     for r in runs {
-        let saved = base.map_or(String::from("-"), |x| {
-            format!(
-                "{:.0}%",
-                100.0 * (1.0 - r.held as f64 / x.held.max(1) as f64)
-            )
-        });
-        let vs_ksm = ksm.map_or(String::from("-"), |k| {
-            format!("{:.3}", r.held as f64 / k.held.max(1) as f64)
-        });
+        let (saved, vs_ksm) = saved_and_vs_ksm(r.held, base.map(|x| x.held), ksm.map(|k| k.held));
         let slow = base.map_or(String::from("-"), |x| {
             format!(
                 "{:+.1}%",

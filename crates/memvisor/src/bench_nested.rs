@@ -771,15 +771,11 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         "QEMU s"
     );
     for r in runs {
-        let saved = base.map_or(String::from("-"), |x| {
-            format!(
-                "{:.0}%",
-                100.0 * (1.0 - r.held as f64 / x.held.max(1) as f64)
-            )
-        });
-        let vs_ksm = ksm.map_or(String::from("-"), |k| {
-            format!("{:.3}", r.held as f64 / k.held.max(1) as f64)
-        });
+        let (saved, vs_ksm) = crate::bench_memory::saved_and_vs_ksm(
+            r.held,
+            base.map(|x| x.held),
+            ksm.map(|k| k.held),
+        );
         let lat = |ns: u64| {
             if r.refaults > 0 {
                 format!("{:.1}", ns as f64 / 1000.0)
@@ -891,7 +887,11 @@ mod tests {
             ..b
         };
         let s = job_script(&one, Policy::Pager(pager::Mode::Full));
-        assert!(s.contains("--copies 2 --console-dir /tmp/con"), "{s}");
+        assert!(
+            s.contains("--copies 2 --stagger 40 --console-dir /tmp/con"),
+            "{s}"
+        );
+        assert!(s.contains(TICK), "the heartbeat: {s}");
         assert!(!s.contains('@'), "{s}");
     }
 

@@ -884,6 +884,39 @@ struct MemoryArgs {
     socket: Option<std::path::PathBuf>,
 }
 
+/// Guest RAM `rams` under a pager in `mode`, with `mem`'s settings (its scanner off with
+/// --engine-off); a failure of its fault service aborts every VM of `controls`.
+fn start_pager(
+    mem: &MemoryArgs,
+    mode: pager::Mode,
+    rams: &[(*mut u8, usize)],
+    controls: &[std::sync::Arc<vmm::Control>],
+) -> Result<(
+    std::sync::Arc<pager::Pager>,
+    Vec<std::sync::Arc<pager::Region>>,
+)> {
+    for &(p, l) in rams {
+        memory::no_huge_pages(p, l);
+    }
+    let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
+    let policy = memory::pager_policy(
+        mem.cold,
+        mem.cpu_budget,
+        mem.target,
+        cold,
+        memory::RECOMPRESS_AFTER,
+    )?;
+    let (pg, regions) = memory::pager_for(mode.store_config(), policy, rams, !mem.engine_off)?;
+    let pg = std::sync::Arc::new(pg);
+    let cs = controls.to_vec();
+    pg.on_failure(move |why| {
+        for c in &cs {
+            c.abort(format!("the pager's fault service failed: {why}"));
+        }
+    });
+    Ok((pg, regions))
+}
+
 /// Boots one guest and returns its exit status (the VM's own, or 0 for a reset or halt).
 fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u8> {
     use std::os::fd::AsFd;
@@ -915,28 +948,15 @@ fn run_guest(memory: &str, vcpus: u8, boot: &Boot, mem: &MemoryArgs) -> Result<u
         }
         _ => None,
     };
-    let mut pager = None;
-    if let memory::Policy::Pager(mode) = mem.policy {
-        memory::no_huge_pages(ram, ram_len);
-        let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
-        let policy = memory::pager_policy(
-            mem.cold,
-            mem.cpu_budget,
-            mem.target,
-            cold,
-            memory::RECOMPRESS_AFTER,
-        )?;
-        let (pg, regions) = memory::pager_for(
-            mode.store_config(),
-            policy,
+    let pager = match mem.policy {
+        memory::Policy::Pager(mode) => Some(start_pager(
+            mem,
+            mode,
             &[(ram, ram_len)],
-            !mem.engine_off,
-        )?;
-        let pg = std::sync::Arc::new(pg);
-        let c = std::sync::Arc::clone(&control);
-        pg.on_failure(move |why| c.abort(format!("the pager's fault service failed: {why}")));
-        pager = Some((pg, regions));
-    }
+            std::slice::from_ref(&control),
+        )?),
+        _ => None,
+    };
     // Every VM answers on its control socket: stats (with a pager) and snapshots.
     let path = mem
         .socket
@@ -1053,29 +1073,10 @@ fn run_copies(
         }
         _ => None,
     };
-    let mut pager = None;
-    if let memory::Policy::Pager(mode) = mem.policy {
-        for &(p, l) in &rams {
-            memory::no_huge_pages(p, l);
-        }
-        let cold = (mode == pager::Mode::Full).then_some(memory::COLD_COMPRESSION);
-        let policy = memory::pager_policy(
-            mem.cold,
-            mem.cpu_budget,
-            mem.target,
-            cold,
-            memory::RECOMPRESS_AFTER,
-        )?;
-        let (pg, regions) = memory::pager_for(mode.store_config(), policy, &rams, !mem.engine_off)?;
-        let pg = Arc::new(pg);
-        let cs = controls.clone();
-        pg.on_failure(move |why| {
-            for c in &cs {
-                c.abort(format!("the pager's fault service failed: {why}"));
-            }
-        });
-        pager = Some((pg, regions));
-    }
+    let pager = match mem.policy {
+        memory::Policy::Pager(mode) => Some(start_pager(mem, mode, &rams, &controls)?),
+        _ => None,
+    };
     // One socket for all copies: the pager's stats cover every copy; without a pager, the
     // resident guest RAM of all of them. Snapshots are of one VM, so they are refused here.
     let path = mem

@@ -137,8 +137,9 @@ fn linux_boots_to_a_busybox_shell_that_takes_typed_commands() {
 /// under KSM and under the pager's full mode, each policy in a fresh outer guest. Every figure
 /// is there and sane. One guest: with several, QEMU's TCG stalled the outer guest in most runs
 /// (docs/nested-memory.md), and the bench's retries would make this test slow or flaky.
-/// Even one guest booting under the pager stalled the outer guest in 1 boot of 4 here, so the
-/// test is not in the default run: `cargo nextest run --release --run-ignored only nested`.
+/// Even the first guest booting under the pager stalled the outer guest in 2 boots of 6 here,
+/// so the test is not in the default run:
+/// `cargo nextest run --release --run-ignored only nested_memory`.
 #[test]
 #[ignore = "minutes of QEMU TCG, and QEMU's nested-SVM stall (docs/nested-memory.md)"]
 fn nested_memory_bench_measures_ksm_and_the_pager_on_a_live_linux_guest() {
