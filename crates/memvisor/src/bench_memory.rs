@@ -247,15 +247,7 @@ pub fn run_one(
             }
         }
         let rounds: u64 = controls.iter().map(|c| c.rounds()).sum();
-        run.kvm = kvm_now().map(|now| {
-            let w = warm_kvm.unwrap_or_default();
-            vmm::KvmCounters {
-                exits: now.exits - w.exits,
-                pf_taken: now.pf_taken - w.pf_taken,
-                pf_fixed: now.pf_fixed - w.pf_fixed,
-                pf_guest: now.pf_guest - w.pf_guest,
-            }
-        });
+        run.kvm = kvm_now().map(|now| now.since(warm_kvm.unwrap_or_default()));
         run.window_s = warm_at.elapsed().as_secs_f64().max(1e-3);
         run.rounds_per_s = (rounds - warm_rounds.unwrap_or(0)) as f64 / run.window_s;
         run.cpu_late_core = (engine_cpu() - half.1) / half.0.elapsed().as_secs_f64().max(1e-3);

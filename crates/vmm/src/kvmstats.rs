@@ -54,6 +54,18 @@ impl std::ops::AddAssign for KvmCounters {
     }
 }
 
+impl KvmCounters {
+    /// What happened since `earlier`, a reading of the same vCPUs (counters only grow).
+    pub fn since(self, earlier: KvmCounters) -> KvmCounters {
+        KvmCounters {
+            exits: self.exits.saturating_sub(earlier.exits),
+            pf_taken: self.pf_taken.saturating_sub(earlier.pf_taken),
+            pf_fixed: self.pf_fixed.saturating_sub(earlier.pf_fixed),
+            pf_guest: self.pf_guest.saturating_sub(earlier.pf_guest),
+        }
+    }
+}
+
 /// One vCPU's statistics file, with where each counter of [`KvmCounters`] lies in it.
 #[derive(Debug)]
 pub struct VcpuStats {
