@@ -61,6 +61,8 @@ pub struct Control {
     state: Mutex<State>,
     /// KVM's statistics files of the run's vCPUs (none where the kernel has no such file).
     kvm: Mutex<Vec<crate::kvmstats::VcpuStats>>,
+    /// Thread ids of the run's vCPU threads, for their scheduler statistics.
+    vcpu_threads: Mutex<Vec<i32>>,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +232,27 @@ impl Control {
             sum += f.read().ok()?;
         }
         Some(sum)
+    }
+
+    /// Records the calling thread as one of the run's vCPU threads.
+    pub(crate) fn add_vcpu_thread(&self) {
+        lock(&self.vcpu_threads).push(crate::schedstat::current_tid());
+    }
+
+    /// The scheduler's times of the run's vCPU threads, summed, and how many threads: readable
+    /// while the run lasts (a thread that has ended counts no more). None before the run or
+    /// where the kernel keeps no such account.
+    pub fn vcpu_sched(&self) -> Option<(crate::SchedTimes, u32)> {
+        let tids = lock(&self.vcpu_threads);
+        let mut sum = crate::SchedTimes::default();
+        let mut n = 0;
+        for &t in tids.iter() {
+            if let Some(s) = crate::SchedTimes::of_thread(t) {
+                sum += s;
+                n += 1;
+            }
+        }
+        (n > 0).then_some((sum, n))
     }
 }
 

@@ -511,6 +511,7 @@ impl Vm {
             for (i, mut vcpu) in fds.into_iter().enumerate() {
                 let (ports, run) = (&ports, &run);
                 s.spawn(move || {
+                    run.control.add_vcpu_thread();
                     run.stop.enter(i);
                     let id = i as u64;
                     let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
