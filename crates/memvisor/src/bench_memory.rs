@@ -24,6 +24,8 @@ pub struct Bench {
     pub warmup: u64,
     /// The policies, in order.
     pub policies: Vec<Policy>,
+    /// Passes over the policies; each figure is then also given as its median over them.
+    pub repeat: usize,
     /// The guests' access skew and pacing.
     pub replay: ReplayParams,
     /// ksmd's pages_to_scan and sleep_millisecs.
@@ -41,10 +43,18 @@ pub struct Bench {
 }
 
 /// One policy's run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Run {
     /// The policy.
     pub policy: &'static str,
+    /// Which pass over the policies (from 1).
+    pub pass: usize,
+    /// Throughput lost against the `none` runs on either side of this one (their mean), as
+    /// a fraction; None without a `none` run.
+    pub slowdown: Option<f64>,
+    /// Busy time per round against the same `none` runs, as a fraction: the slowdown of the
+    /// guests' work alone, leaving out how late their pacing sleeps ended.
+    pub busy_slowdown: Option<f64>,
     /// (seconds, bytes held) each second.
     pub series: Vec<(f64, u64)>,
     /// Bytes held at the end.
@@ -90,6 +100,59 @@ pub struct Run {
     /// Seconds from the warm-up's end to the last sample: the window of `rounds_per_s` and
     /// `kvm`.
     pub window_s: f64,
+    /// Where the vCPU threads' time went per round of guest work, after the warm-up (None:
+    /// the kernel keeps no scheduler statistics).
+    pub per_round: Option<RoundTime>,
+}
+
+/// The vCPU threads' time per round of guest work, in nanoseconds, with the scheduler's
+/// account of it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RoundTime {
+    /// Wall time not in a pacing sleep: what a round of work took, as the guest sees it.
+    pub busy_ns: f64,
+    /// On a CPU: the guest's own work, and KVM's exits handled in the kernel.
+    pub run_ns: f64,
+    /// Runnable, waiting for a CPU: contention with other guests and the engine (and the
+    /// wait to run again after a pacing sleep, which `busy_ns` leaves out). The rest of
+    /// `busy_ns` was spent blocked: faults waiting on a handler thread, mostly.
+    pub wait_ns: f64,
+}
+
+/// The vCPU threads' scheduler times, pacing sleeps and rounds, summed over guests.
+#[derive(Debug, Clone, Copy, Default)]
+struct GuestClock {
+    sched: vmm::SchedTimes,
+    threads: u32,
+    slept: Duration,
+    rounds: u64,
+}
+
+impl GuestClock {
+    fn read(controls: &[Arc<Control>]) -> Option<GuestClock> {
+        let mut g = GuestClock::default();
+        for c in controls {
+            let (s, n) = c.vcpu_sched()?;
+            g.sched += s;
+            g.threads += n;
+            g.slept += c.slept();
+            g.rounds += c.rounds();
+        }
+        Some(g)
+    }
+
+    /// Per round from `earlier` to this reading, `wall` apart.
+    fn per_round(&self, earlier: &GuestClock, wall: Duration) -> Option<RoundTime> {
+        let rounds = self.rounds.checked_sub(earlier.rounds).filter(|&r| r > 0)? as f64;
+        let s = self.sched.since(earlier.sched);
+        let slept = self.slept.saturating_sub(earlier.slept);
+        let busy = (wall * self.threads).saturating_sub(slept);
+        Some(RoundTime {
+            busy_ns: busy.as_nanos() as f64 / rounds,
+            run_ns: s.run_ns as f64 / rounds,
+            wait_ns: s.wait_ns as f64 / rounds,
+        })
+    }
 }
 
 /// Loads the images of a set.
@@ -175,6 +238,9 @@ pub fn run_one(
     };
     let mut run = Run {
         policy: policy.name(),
+        pass: 1,
+        slowdown: None,
+        busy_slowdown: None,
         series: Vec::new(),
         held: 0,
         resident: 0,
@@ -195,6 +261,7 @@ pub fn run_one(
         other_ksm_users: Vec::new(),
         kvm: None,
         window_s: 0.0,
+        per_round: None,
     };
     let results = std::thread::scope(|s| -> Result<Vec<Result<vmm::Exit, vmm::VmError>>> {
         let handles: Vec<_> = vms
@@ -210,6 +277,7 @@ pub fn run_one(
         let t0 = Instant::now();
         let mut warm_rounds = None;
         let mut warm_kvm = None;
+        let mut warm_clock = None;
         let mut warm_at = t0;
         let kvm_now = || {
             controls
@@ -230,6 +298,7 @@ pub fn run_one(
             if tick == b.warmup.min(b.seconds - 1) {
                 warm_rounds = Some(controls.iter().map(|c| c.rounds()).sum::<u64>());
                 warm_kvm = kvm_now();
+                warm_clock = GuestClock::read(&controls);
                 warm_at = Instant::now();
             }
             if tick == b.seconds / 2 {
@@ -248,6 +317,9 @@ pub fn run_one(
         }
         let rounds: u64 = controls.iter().map(|c| c.rounds()).sum();
         run.kvm = kvm_now().map(|now| now.since(warm_kvm.unwrap_or_default()));
+        run.per_round = warm_clock
+            .zip(GuestClock::read(&controls))
+            .and_then(|(w, now)| now.per_round(&w, warm_at.elapsed()));
         run.window_s = warm_at.elapsed().as_secs_f64().max(1e-3);
         run.rounds_per_s = (rounds - warm_rounds.unwrap_or(0)) as f64 / run.window_s;
         run.cpu_late_core = (engine_cpu() - half.1) / half.0.elapsed().as_secs_f64().max(1e-3);
@@ -324,7 +396,12 @@ pub(crate) fn saved_and_vs_ksm(held: u64, base: Option<u64>, ksm: Option<u64>) -
 
 /// The table comparing runs.
 pub fn table(b: &Bench, runs: &[Run]) -> String {
-    let base = runs.iter().find(|r| r.policy == "none");
+    // Savings and ratios within a pass; the slowdowns are the runs' own (`compare_with_none`).
+    let of_pass = |name: &str, pass: usize| {
+        runs.iter()
+            .find(|r| r.policy == name && r.pass == pass)
+            .or_else(|| runs.iter().find(|r| r.policy == name))
+    };
     let ksm = runs.iter().find(|r| r.policy == "ksm");
     let mut o = format!(
         "{} guests replaying the {} images for {} s each (hot {}%, warm {}%, duty {}%); \
@@ -341,8 +418,9 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         b.cpu_budget
     );
     o += &format!(
-        "{:<12} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10}\n",
+        "{:<12} {:>4} {:>10} {:>8} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9} {:>10}\n",
         "policy",
+        "pass",
         "held MiB",
         "saved",
         "/ KSM",
@@ -354,13 +432,14 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         "RSS+ MiB"
     );
     for r in runs {
-        let (saved, vs_ksm) = saved_and_vs_ksm(r.held, base.map(|x| x.held), ksm.map(|k| k.held));
-        let slow = base.map_or(String::from("-"), |x| {
-            format!(
-                "{:+.1}%",
-                100.0 * (1.0 - r.rounds_per_s / x.rounds_per_s.max(1e-9))
-            )
-        });
+        let (saved, vs_ksm) = saved_and_vs_ksm(
+            r.held,
+            of_pass("none", r.pass).map(|x| x.held),
+            of_pass("ksm", r.pass).map(|k| k.held),
+        );
+        let slow = r
+            .slowdown
+            .map_or(String::from("-"), |x| format!("{:+.1}%", 100.0 * x));
         let lat = |ns: u64| {
             if r.refaults > 0 {
                 format!("{:.1}", ns as f64 / 1000.0)
@@ -369,8 +448,9 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             }
         };
         o += &format!(
-            "{:<12} {:>10.1} {:>8} {:>9} {:>8.2} {:>9.1}% {:>9} {:>9} {:>9} {:>10.1}\n",
+            "{:<12} {:>4} {:>10.1} {:>8} {:>9} {:>8.2} {:>9.1}% {:>9} {:>9} {:>9} {:>10.1}\n",
             r.policy,
+            r.pass,
             mib(r.held),
             saved,
             vs_ksm,
@@ -382,7 +462,10 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             r.rss_growth as f64 / (1 << 20) as f64
         );
     }
-    if let Some(k) = ksm.filter(|k| !k.other_ksm_users.is_empty()) {
+    if let Some(k) = runs
+        .iter()
+        .find(|r| r.policy == "ksm" && !r.other_ksm_users.is_empty())
+    {
         o += &format!(
             "WARNING: other processes had pages merged by KSM during its run ({:?}, pid and \
              pages): KSM's global counters include them, so its figure is too good\n",
@@ -412,6 +495,28 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         .collect();
     if !kvm.is_empty() {
         o += &format!("KVM, all guests, after the warm-up: {}\n", kvm.join("; "));
+    }
+    let rounds: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            let t = r.per_round?;
+            let vs = r
+                .busy_slowdown
+                .map_or(String::new(), |x| format!(" ({:+.1}%)", 100.0 * x));
+            Some(format!(
+                "{} {:.1}{vs} (run {:.1}, runnable {:.1})",
+                r.policy,
+                t.busy_ns / 1e3,
+                t.run_ns / 1e3,
+                t.wait_ns / 1e3,
+            ))
+        })
+        .collect();
+    if !rounds.is_empty() {
+        o += &format!(
+            "vCPU busy time per round, us, after the warm-up: {}\n",
+            rounds.join("; ")
+        );
     }
     for r in runs {
         if let Some(p) = &r.pages {
@@ -507,22 +612,189 @@ pub fn svg(title: &str, runs: &[Run]) -> String {
     o + "</svg>\n"
 }
 
-/// The whole experiment on one set; prints as it goes.
+/// The whole experiment on one set; prints as it goes. With `none` among the policies, one
+/// more `none` run closes it, so that every run has a `none` run on each side: the machine's
+/// speed drifts by several percent over minutes, and the mean of the two neighbours follows
+/// that drift where the first `none` run alone does not.
 pub fn run(b: &Bench) -> Result<Vec<Run>> {
     let images = load(b.set)?;
     let elf = std::fs::read(vmm::kit::build("replay", &vmm::kit::target_dir())?)
         .context("reading the replay guest")?;
+    let mut order: Vec<(usize, Policy)> = (1..=b.repeat.max(1))
+        .flat_map(|pass| b.policies.iter().map(move |&p| (pass, p)))
+        .collect();
+    if b.policies.len() > 1 && b.policies.contains(&Policy::None) {
+        order.push((b.repeat.max(1), Policy::None));
+    }
     let mut runs = Vec::new();
-    for &p in &b.policies {
-        eprintln!("memvisor: {} guests, policy {} ...", b.guests, p.name());
+    for (pass, p) in order {
+        eprintln!(
+            "memvisor: {} guests, policy {}, pass {pass} of {} ...",
+            b.guests,
+            p.name(),
+            b.repeat.max(1)
+        );
         let verbose = b.verbose;
-        let r = run_one(b, p, &images, &elf, &mut |r, _| {
+        let mut r = run_one(b, p, &images, &elf, &mut |r, _| {
             if verbose {
                 let (t, held) = r.series.last().copied().unwrap_or((0.0, 0));
                 eprintln!("  {t:5.1} s  held {:8.1} MiB", mib(held));
             }
         })?;
+        r.pass = pass;
         runs.push(r);
     }
+    compare_with_none(&mut runs);
     Ok(runs)
+}
+
+/// Sets each run's slowdowns against the mean of the nearest `none` runs before and after it.
+fn compare_with_none(runs: &mut [Run]) {
+    for i in 0..runs.len() {
+        let rps = bracket(runs, i, |r| Some(r.rounds_per_s));
+        let busy = bracket(runs, i, |r| r.per_round.map(|t| t.busy_ns));
+        let r = &mut runs[i];
+        r.slowdown = rps.map(|b| 1.0 - r.rounds_per_s / b.max(1e-9));
+        r.busy_slowdown = busy
+            .zip(r.per_round)
+            .map(|(b, t)| t.busy_ns / b.max(1e-9) - 1.0);
+    }
+}
+
+/// The mean of `f` over the nearest `none` run before run `i` and the nearest after it (one
+/// of them where there is only one; None where there is neither).
+fn bracket(runs: &[Run], i: usize, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    let none = |r: &&Run| r.policy == Policy::None.name();
+    let before = runs[..i].iter().rev().find(none).and_then(&f);
+    let after = runs[i + 1..].iter().find(none).and_then(&f);
+    match (before, after) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The median of `xs` (the mean of the middle two for an even count); None if empty.
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    Some(if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        f64::midpoint(xs[n / 2 - 1], xs[n / 2])
+    })
+}
+
+/// Each policy's medians over the passes (several runs of a policy only).
+pub fn medians(runs: &[Run]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in runs {
+        if !names.contains(&r.policy) {
+            names.push(r.policy);
+        }
+    }
+    let of = |name: &str, f: &dyn Fn(&Run) -> Option<f64>| {
+        median(
+            runs.iter()
+                .filter(|r| r.policy == name)
+                .filter_map(f)
+                .collect(),
+        )
+    };
+    let ksm_held = of("ksm", &|r| Some(r.held as f64));
+    let mut o = format!(
+        "medians over the passes:\n{:<12} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9} {:>11}\n",
+        "policy",
+        "runs",
+        "held MiB",
+        "/ KSM",
+        "CPU s",
+        "p50 us",
+        "p99 us",
+        "slowdown",
+        "busy/round"
+    );
+    let pct = |x: Option<f64>| x.map_or(String::from("-"), |v| format!("{:+.1}%", 100.0 * v));
+    for name in names {
+        let n = runs.iter().filter(|r| r.policy == name).count();
+        let held = of(name, &|r| Some(r.held as f64)).unwrap_or(0.0);
+        let vs_ksm = ksm_held.map_or(String::from("-"), |k| format!("{:.3}", held / k.max(1.0)));
+        let us = |f: &dyn Fn(&Run) -> Option<f64>| {
+            of(name, f).map_or(String::from("-"), |v| format!("{:.1}", v / 1e3))
+        };
+        let faulted = |r: &Run| r.refaults > 0;
+        o += &format!(
+            "{:<12} {:>5} {:>10.1} {:>9} {:>8.2} {:>9} {:>9} {:>9} {:>11}\n",
+            name,
+            n,
+            held / f64::from(1 << 20),
+            vs_ksm,
+            of(name, &|r| Some(r.cpu_s)).unwrap_or(0.0),
+            us(&|r| faulted(r).then_some(r.fault_p50_ns as f64)),
+            us(&|r| faulted(r).then_some(r.fault_p99_ns as f64)),
+            pct(of(name, &|r| r.slowdown)),
+            pct(of(name, &|r| r.busy_slowdown)),
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(policy: &'static str, rounds_per_s: f64, busy_ns: f64) -> Run {
+        Run {
+            policy,
+            rounds_per_s,
+            per_round: Some(RoundTime {
+                busy_ns,
+                ..RoundTime::default()
+            }),
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn each_run_is_compared_with_the_none_runs_on_either_side() {
+        let mut runs = vec![
+            run("none", 100.0, 400.0),
+            run("full", 90.0, 440.0),
+            run("none", 80.0, 480.0),
+            run("ksm", 80.0, 480.0),
+        ];
+        compare_with_none(&mut runs);
+        // full: between 100 and 80, against 90: no slowdown; busy 440 against 440.
+        assert!(runs[1].slowdown.unwrap().abs() < 1e-9);
+        assert!(runs[1].busy_slowdown.unwrap().abs() < 1e-9);
+        // ksm: only a none before it.
+        assert!(runs[3].slowdown.unwrap().abs() < 1e-9);
+        // A none run against its none neighbours: the noise floor.
+        assert!((runs[0].slowdown.unwrap() + 0.25).abs() < 1e-9);
+        assert!((runs[2].slowdown.unwrap() - 0.2).abs() < 1e-9);
+        let mut alone = vec![run("full", 1.0, 1.0)];
+        compare_with_none(&mut alone);
+        assert_eq!(alone[0].slowdown, None);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        let mut runs = vec![
+            run("none", 100.0, 400.0),
+            run("full", 95.0, 420.0),
+            run("none", 100.0, 400.0),
+            run("full", 90.0, 440.0),
+            run("none", 100.0, 400.0),
+        ];
+        compare_with_none(&mut runs);
+        let t = medians(&runs);
+        assert!(t.contains("+7.5%"), "{t}");
+        let full = t.lines().find(|l| l.starts_with("full")).unwrap();
+        assert!(full.split_whitespace().nth(1) == Some("2"), "{t}");
+    }
 }

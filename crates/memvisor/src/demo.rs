@@ -121,6 +121,7 @@ fn guests(seconds: u64) -> Result<()> {
         seconds,
         warmup: 5,
         policies: vec![Policy::Pager(pager::Mode::Full)],
+        repeat: 1,
         replay: vmm::ReplayParams {
             hot_pct: 2,
             warm_pct: 4,

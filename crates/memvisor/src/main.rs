@@ -383,9 +383,15 @@ enum BenchCmd {
         /// Seconds at the start left out of the guests' throughput.
         #[arg(long, default_value_t = 5)]
         warmup: u64,
-        /// Policies to run, comma-separated.
+        /// Policies to run, comma-separated. With `none` among them, one more `none` run
+        /// closes the bench, and each run's slowdown is against the `none` runs on either
+        /// side of it.
         #[arg(long, default_value = "none,ksm,share,share+patch,full")]
         policies: String,
+        /// Passes over the policies: single runs differ by several percent in throughput,
+        /// so the slowdown wants medians. Each run is printed, then each policy's medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// Percent of each image's non-zero pages the guest writes every round.
         #[arg(long, default_value_t = 2)]
         hot: u8,
@@ -1292,6 +1298,7 @@ fn run(cli: Cli) -> Result<()> {
                     seconds,
                     warmup,
                     policies,
+                    repeat,
                     hot,
                     warm,
                     duty,
@@ -1320,8 +1327,11 @@ fn run(cli: Cli) -> Result<()> {
                 "mixed" => vec![ImageSet::Mixed],
                 s => bail!("--set {s}: choose homogeneous, mixed or both"),
             };
-            if guests == 0 || seconds < 2 || warmup >= seconds {
-                bail!("--guests must be at least 1, --seconds at least 2 and above --warmup");
+            if guests == 0 || seconds < 2 || warmup >= seconds || repeat == 0 {
+                bail!(
+                    "--guests and --repeat must be at least 1, --seconds at least 2 and above \
+                     --warmup"
+                );
             }
             if hot as u16 + warm as u16 > 100 || !(1..=100).contains(&duty) {
                 bail!("--hot plus --warm must be at most 100, and --duty 1 to 100");
@@ -1338,6 +1348,7 @@ fn run(cli: Cli) -> Result<()> {
                     seconds,
                     warmup,
                     policies: policies.clone(),
+                    repeat,
                     replay: vmm::ReplayParams {
                         hot_pct: hot,
                         warm_pct: warm,
@@ -1354,6 +1365,9 @@ fn run(cli: Cli) -> Result<()> {
                 let runs = bench_memory::run(&b)?;
                 if !json {
                     print!("{}", bench_memory::table(&b, &runs));
+                    if repeat > 1 {
+                        print!("{}", bench_memory::medians(&runs));
+                    }
                 }
                 if let Some(path) = &plot {
                     let stem = path.with_extension("");
