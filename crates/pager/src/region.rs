@@ -44,11 +44,15 @@ const FORM_SHIFT: u32 = 19;
 const FORM_MASK: u32 = 7 << FORM_SHIFT;
 /// Scans left during which a recently written page is not write-protected again.
 const REST_SHIFT: u32 = 22;
-const REST_MASK: u32 = 15 << REST_SHIFT;
-/// How many scans in a row found the page written (its rest doubles with each).
-const HEAT_SHIFT: u32 = 26;
+const MAX_REST: u32 = 63;
+const REST_MASK: u32 = MAX_REST << REST_SHIFT;
+/// How many scans in a row found the page written (its rest grows with each).
+const HEAT_SHIFT: u32 = 28;
 const HEAT_MASK: u32 = 7 << HEAT_SHIFT;
-const MAX_HEAT: u32 = 4;
+const MAX_HEAT: u32 = 3;
+/// A written page's rest by its heat: one scan after a first write, for a page written once
+/// is likely idle soon; then a quarter of a minute, then a minute.
+const RESTS: [u32; MAX_HEAT as usize + 1] = [0, 1, 15, MAX_REST];
 
 /// Accessors for one page's meta word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +91,7 @@ impl Meta {
         (self.0 & REST_MASK) >> REST_SHIFT
     }
     pub fn with_rest(self, r: u32) -> Meta {
-        Meta((self.0 & !REST_MASK) | (r.min(15) << REST_SHIFT))
+        Meta((self.0 & !REST_MASK) | (r.min(MAX_REST) << REST_SHIFT))
     }
     pub fn heat(self) -> u32 {
         (self.0 & HEAT_MASK) >> HEAT_SHIFT
@@ -116,8 +120,11 @@ pub(crate) enum Aged {
 
 impl Meta {
     /// One scan's step of Difference Engine's NRU aging, from what the fault handlers saw.
-    /// A page found written rests (is not write-protected again) for 2^heat - 1 scans, so
-    /// that a hot page costs one write-protect fault every few scans instead of every scan.
+    /// A page found written rests (is not write-protected again) for 1, 15, then 63 scans
+    /// ([`RESTS`]), so that a hot page costs one write-protect fault a minute instead of one
+    /// a scan. Each such fault costs the guest more than the fault itself: lifting the
+    /// protection makes KVM drop its mapping of the page, and the guest exits again on its
+    /// next touch (docs/pager.md has what that costs a guest here).
     pub fn aged(self) -> (Meta, Aged) {
         if self.0 & WRITTEN != 0 {
             let heat = (self.heat() + 1).min(MAX_HEAT);
@@ -125,7 +132,7 @@ impl Meta {
                 .clear(WRITTEN | REFAULTED)
                 .with_age(0)
                 .with_heat(heat)
-                .with_rest((1 << heat) - 1);
+                .with_rest(RESTS[heat as usize]);
             (m, Aged::Modified { arm: false })
         } else if self.rest() > 0 {
             let rest = self.rest() - 1;
@@ -298,6 +305,23 @@ mod tests {
         assert!(!m.busy());
         assert_eq!(m.with_state(STORED).0 & ARMED, 0);
         assert!(m.set(BUSY_FAULT).busy());
+        // The widest values stay in their own bits.
+        let w = m
+            .with_rest(63)
+            .with_heat(MAX_HEAT)
+            .with_backoff(MAX_BACKOFF);
+        assert_eq!(
+            (w.rest(), w.heat(), w.backoff()),
+            (63, MAX_HEAT, MAX_BACKOFF)
+        );
+        assert_eq!(
+            (w.age(), w.form(), w.state()),
+            (200, Form::Patched, RESIDENT)
+        );
+        assert_eq!(
+            w.with_rest(0).with_heat(0).with_backoff(3).0,
+            m.with_rest(0).with_heat(0).0
+        );
     }
 
     #[test]
@@ -310,9 +334,9 @@ mod tests {
             rests.push(n.rest());
             m = n;
         }
-        assert_eq!(rests, vec![1, 3, 7, 15, 15]);
+        assert_eq!(rests, vec![1, 15, 63, 63, 63]);
         // It rests, then is armed, then ages as idle if nothing writes it.
-        for _ in 0..14 {
+        for _ in 0..62 {
             m = m.aged().0;
         }
         let (n, a) = m.aged();
