@@ -44,6 +44,13 @@ pub(crate) fn run(inner: &Arc<Inner>) {
     }
 }
 
+/// Scans idle before a page is cold: the policy's, doubled for each step of the page's
+/// backoff, but within what a page's age can count (255), or a page that kept coming back
+/// would never be taken again.
+fn cold_after(cold_scans: u32, backoff: u32) -> u32 {
+    cold_scans.saturating_mul(1 << backoff).min(255)
+}
+
 /// Sleeps as long as it takes for the CPU spent since `start_cpu` to fit the budget.
 fn throttle(inner: &Inner, budget: f64, started: Instant, start_cpu: u64) {
     let used = thread_cpu_ns().saturating_sub(start_cpu) as f64 / 1e9;
@@ -110,7 +117,7 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
                     Aged::Referenced => nru[1] += 1,
                     Aged::Idle { age } => {
                         nru[if age >= policy.cold_scans { 3 } else { 2 }] += 1;
-                        if age >= policy.cold_scans << backoff {
+                        if age >= cold_after(policy.cold_scans, backoff) {
                             cold.push((ri, ix));
                         } else if policy.target_resident.is_some() {
                             warm.push((age, ri, ix));
@@ -455,5 +462,19 @@ pub(crate) fn drop_all(inner: &Inner, region: &Region) {
                 Err(_) => std::thread::yield_now(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_that_kept_coming_back_can_still_go_cold() {
+        assert_eq!(cold_after(5, 0), 5);
+        assert_eq!(cold_after(5, 4), 80);
+        // 5 × 64 is past what an age counts: the threshold stops at 255.
+        assert_eq!(cold_after(5, crate::region::MAX_BACKOFF), 255);
+        assert_eq!(cold_after(255, crate::region::MAX_BACKOFF), 255);
     }
 }
