@@ -17,7 +17,23 @@ use crate::uffd::Resolved;
 /// and one remove event for the handlers to read per run.
 pub(crate) const BATCH: usize = 256;
 
+/// Puts the calling thread in `SCHED_IDLE`: the scanner's work (aging, compressing,
+/// recompressing) can always wait, and a guest's vCPU that waits for a CPU behind it loses
+/// that time. A thread in that class runs when a CPU has nothing else to do, and any other
+/// thread that wakes takes the CPU from it at once (nice 19 alone does not promise that); it
+/// still gets a sliver of a busy CPU, so it is never starved. The fault handlers, which
+/// guests do wait for, keep the default class. (ksmd runs at nice 5.)
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid sched_param that
+    // lives across the call; if it fails the scanner simply runs in the default class.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
+    }
+}
+
 pub(crate) fn run(inner: &Arc<Inner>) {
+    idle_priority();
     let mut cpu_mark = thread_cpu_ns();
     let mut next = Instant::now();
     while !inner.stop.load(Relaxed) {
