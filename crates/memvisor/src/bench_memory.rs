@@ -67,6 +67,8 @@ pub struct Run {
     pub rounds_per_s: f64,
     /// CPU seconds of the engine (pager threads, or ksmd).
     pub cpu_s: f64,
+    /// Of the pager's, its fault handlers' (the rest is the scanner's).
+    pub handler_cpu_s: f64,
     /// Of which in the second half of the run: what the engine costs once it has done its
     /// first pass, as a fraction of one core.
     pub cpu_late_core: f64,
@@ -239,29 +241,7 @@ pub fn run_one(
     let mut run = Run {
         policy: policy.name(),
         pass: 1,
-        slowdown: None,
-        busy_slowdown: None,
-        series: Vec::new(),
-        held: 0,
-        resident: 0,
-        store: 0,
-        rounds_per_s: 0.0,
-        cpu_s: 0.0,
-        cpu_late_core: 0.0,
-        fault_p50_ns: 0,
-        fault_p99_ns: 0,
-        refaults: 0,
-        refaults_by_form: Vec::new(),
-        recompressed: 0,
-        write_faults: (0, 0),
-        ksm_pages_sharing: 0,
-        ksm_general_profit: 0,
-        rss_growth: 0,
-        pages: None,
-        other_ksm_users: Vec::new(),
-        kvm: None,
-        window_s: 0.0,
-        per_round: None,
+        ..Run::default()
     };
     let results = std::thread::scope(|s| -> Result<Vec<Result<vmm::Exit, vmm::VmError>>> {
         let handles: Vec<_> = vms
@@ -327,6 +307,7 @@ pub fn run_one(
         run.rss_growth = rss_now() - rss0;
         if let Some(st) = stats {
             run.cpu_s = st.cpu_s();
+            run.handler_cpu_s = st.handler_cpu_s;
             run.fault_p50_ns = st.refault_latency.p50_ns;
             run.fault_p99_ns = st.refault_latency.p99_ns;
             run.refaults = st.faults.refaults;
@@ -542,9 +523,12 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
                 o += &format!(": {}", by.join(", "));
             }
             o += &format!(
-                "; {} write-protect faults (p50 {:.1} us)\n",
+                "; {} write-protect faults (p50 {:.1} us); CPU s: scanner {:.2}, fault handlers \
+                 {:.2}\n",
                 r.write_faults.0,
-                r.write_faults.1 as f64 / 1e3
+                r.write_faults.1 as f64 / 1e3,
+                r.cpu_s - r.handler_cpu_s,
+                r.handler_cpu_s
             );
         }
     }
