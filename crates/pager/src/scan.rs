@@ -17,18 +17,65 @@ use crate::uffd::Resolved;
 /// and one remove event for the handlers to read per run.
 pub(crate) const BATCH: usize = 256;
 
-/// Puts the calling thread in `SCHED_IDLE`: the scanner's work (aging, compressing,
-/// recompressing) can always wait, and a guest's vCPU that waits for a CPU behind it loses
-/// that time. A thread in that class runs when a CPU has nothing else to do, and any other
-/// thread that wakes takes the CPU from it at once (nice 19 alone does not promise that); it
-/// still gets a sliver of a busy CPU, so it is never starved. The fault handlers, which
-/// guests do wait for, keep the default class. (ksmd runs at nice 5.)
+/// The scanner's scheduling. Its aging and compressing can always wait, and a vCPU that
+/// waits for a CPU behind it loses that time, so it runs in `SCHED_IDLE`: any other thread
+/// that wakes takes the CPU from it at once (nice 19 alone does not promise that). But
+/// while it holds what fault handlers, and so vCPUs, wait for (pages' busy bits in reclaim,
+/// a store shard's lock in compaction), a starved idle thread could keep them waiting for
+/// seconds on a busy host: for those spans it is back in the default class ([`Urgent`]).
+/// Leaving `SCHED_IDLE` needs the right to nice 0 (`CAP_SYS_NICE` or `RLIMIT_NICE` of 20);
+/// without it, the scanner stays in the default class at nice 5, as ksmd does.
 fn idle_priority() {
+    if can_return_to_nice_0() {
+        set_class(libc::SCHED_IDLE);
+    } else {
+        // SAFETY: setpriority on this thread's own id; lowering one's priority needs no
+        // privilege, and if it fails the scanner runs at nice 0.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid().cast_unsigned(), 5);
+        }
+    }
+}
+
+/// Whether this thread may raise its priority back to nice 0 (the kernel's test for leaving
+/// `SCHED_IDLE` too): tried by going to nice 1 and back. If the way back is refused, the
+/// thread stays at nice 1, which is harmless for the scanner.
+fn can_return_to_nice_0() -> bool {
+    // SAFETY: setpriority on this thread's own id with valid nice values; it changes nothing
+    // else.
+    unsafe {
+        let me = libc::gettid().cast_unsigned();
+        libc::setpriority(libc::PRIO_PROCESS, me, 1) == 0
+            && libc::setpriority(libc::PRIO_PROCESS, me, 0) == 0
+    }
+}
+
+/// Sets the calling thread's scheduling class (`SCHED_IDLE` or `SCHED_OTHER`); false if
+/// refused.
+fn set_class(policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid sched_param that
-    // lives across the call; if it fails the scanner simply runs in the default class.
-    unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
+    // lives across the call.
+    unsafe { libc::sched_setscheduler(0, policy, &raw const param) == 0 }
+}
+
+/// While it lives, a thread in `SCHED_IDLE` runs in the default class (see
+/// [`idle_priority`]); any other thread is left as it is.
+struct Urgent(bool);
+
+impl Urgent {
+    fn new() -> Urgent {
+        // SAFETY: sched_getscheduler(0) only reads the calling thread's class.
+        let idle = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE;
+        Urgent(idle && set_class(libc::SCHED_OTHER))
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if self.0 {
+            set_class(libc::SCHED_IDLE);
+        }
     }
 }
 
@@ -204,7 +251,10 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
         );
     }
     // Refaults free store space and recompression leaves holes: give whole chunks back.
-    let freed = inner.store.compact(COMPACT_AT);
+    let freed = {
+        let _urgent = Urgent::new();
+        inner.store.compact(COMPACT_AT)
+    };
     if freed > 0 {
         inner
             .counters
@@ -254,6 +304,8 @@ fn recompress(
             references: true,
             min_bytes: RECOMPRESS_MIN_BYTES,
         };
+        // Left in SCHED_IDLE: reencode compresses outside the shard's lock and holds it only
+        // to put the new bytes in place.
         let done = matches!(inner.store.reencode(id, how), Ok(Some(_)));
         // Marked even when no smaller, so it is not tried again while it stays away. The
         // id is checked under the meta word's update: ids change only while a page is busy.
@@ -323,6 +375,8 @@ fn until_done(mut f: impl FnMut() -> Result<Resolved, crate::UffdError>) -> bool
 /// Reclaims the pages `ixs` (sorted) of `region`: write-protect, copy, store, drop. Returns
 /// how many went to the store. A page that is busy or not resident is skipped.
 pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
+    // The pages are busy from here until stored: a fault on one waits for this batch.
+    let _urgent = Urgent::new();
     let c = &inner.counters;
     let mut ixs: Vec<usize> = ixs.to_vec();
     ixs.sort_unstable();
@@ -484,6 +538,33 @@ pub(crate) fn drop_all(inner: &Inner, region: &Region) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scanner_leaves_sched_idle_while_guests_may_wait_on_it() {
+        std::thread::spawn(|| {
+            let class = || {
+                // SAFETY: reads the calling thread's class.
+                unsafe { libc::sched_getscheduler(0) }
+            };
+            idle_priority();
+            if !can_return_to_nice_0() {
+                // Unprivileged: the default class at nice 5, never SCHED_IDLE.
+                assert_eq!(class(), libc::SCHED_OTHER);
+                return;
+            }
+            assert_eq!(class(), libc::SCHED_IDLE);
+            {
+                let _urgent = Urgent::new();
+                assert_eq!(class(), libc::SCHED_OTHER);
+                // Nested: the inner guard finds the default class and leaves it.
+                drop(Urgent::new());
+                assert_eq!(class(), libc::SCHED_OTHER);
+            }
+            assert_eq!(class(), libc::SCHED_IDLE);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn a_page_that_kept_coming_back_can_still_go_cold() {
