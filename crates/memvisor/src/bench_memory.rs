@@ -597,7 +597,7 @@ pub fn svg(title: &str, runs: &[Run]) -> String {
 }
 
 /// The whole experiment on one set; prints as it goes. With `none` among the policies, one
-/// more `none` run closes it, so that every run has a `none` run on each side: the machine's
+/// more `none` run closes it, so that (with `none` first) every run has one on each side: the machine's
 /// speed drifts by several percent over minutes, and the mean of the two neighbours follows
 /// that drift where the first `none` run alone does not.
 pub fn run(b: &Bench) -> Result<Vec<Run>> {

@@ -192,7 +192,8 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                 Ok(Resolved::Done) => {
                     // Reads are invisible to the scanner, so a page that comes back is the
                     // only sign it is read: wait sixteen times as long before taking it
-                    // again. A wrong guess costs the guest a fault and KVM's exits with it,
+                    // again (64 times after a second return, within the 255 scans an age
+                    // counts). A wrong guess costs the guest a fault and KVM's exits with it,
                     // far more than the page's 4 KiB held a minute longer.
                     let back = (m.backoff() + 4).min(MAX_BACKOFF);
                     let mut n = m.with_state(RESIDENT).with_age(0).with_backoff(back);

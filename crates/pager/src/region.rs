@@ -38,7 +38,8 @@ const AGE_SHIFT: u32 = 8;
 const AGE_MASK: u32 = 0xff << AGE_SHIFT;
 const BACKOFF_SHIFT: u32 = 16;
 const BACKOFF_MASK: u32 = 7 << BACKOFF_SHIFT;
-/// Most doublings of the cold threshold for a page that keeps coming back (64x).
+/// Most doublings of the cold threshold for a page that keeps coming back (64x, but the
+/// threshold stops at the 255 scans a page's age counts).
 pub(crate) const MAX_BACKOFF: u32 = 6;
 const FORM_SHIFT: u32 = 19;
 const FORM_MASK: u32 = 7 << FORM_SHIFT;
@@ -122,7 +123,7 @@ impl Meta {
     /// One scan's step of Difference Engine's NRU aging, from what the fault handlers saw.
     /// A page found written rests (is not write-protected again) for 1, 15, then 63 scans
     /// ([`RESTS`]), so that a hot page costs one write-protect fault a minute instead of one
-    /// a scan. Each such fault costs the guest more than the fault itself: lifting the
+    /// every 16 scans. Each such fault costs the guest more than the fault itself: lifting the
     /// protection makes KVM drop its mapping of the page, and the guest exits again on its
     /// next touch (docs/pager.md has what that costs a guest here).
     pub fn aged(self) -> (Meta, Aged) {

@@ -69,12 +69,21 @@ mod tests {
         assert_eq!(parse("12\n"), None);
         assert_eq!(parse("x 1 2"), None);
         let a = SchedTimes::of_thread(current_tid()).expect("this kernel keeps schedstat");
+        // Spins until the account shows 10 ms on a CPU: on a busy host that takes longer
+        // than 10 ms of wall time, but not forever.
         let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_millis(20) {
-            std::hint::black_box(0u64);
-        }
-        let b = SchedTimes::of_thread(current_tid()).expect("still there");
-        assert!(b.since(a).run_ns >= 10_000_000, "{a:?} then {b:?}");
+        let b = loop {
+            std::hint::black_box((0..1000u64).sum::<u64>());
+            let b = SchedTimes::of_thread(current_tid()).expect("still there");
+            if b.since(a).run_ns >= 10_000_000 {
+                break b;
+            }
+            assert!(
+                t.elapsed().as_secs() < 30,
+                "{a:?} then {b:?}: no time on a CPU"
+            );
+        };
+        assert!(b.wait_ns >= a.wait_ns);
         assert_eq!(SchedTimes::of_thread(-1), None);
     }
 }
