@@ -107,11 +107,11 @@ pub(crate) fn run(inner: &Arc<Inner>) {
     }
 }
 
-/// Scans idle before a page is cold: the policy's, doubled for each step of the page's
-/// backoff, but within what a page's age can count (255), or a page that kept coming back
-/// would never be taken again.
-fn cold_after(cold_scans: u32, backoff: u32) -> u32 {
-    cold_scans.saturating_mul(1 << backoff).min(255)
+/// A policy's number of scans (idle before a page is cold, or stored before it is
+/// recompressed), doubled for each step of the page's backoff, but within what a page's age
+/// can count (255), or a page that kept coming back would never be taken again.
+fn backed_off(scans: u32, backoff: u32) -> u32 {
+    scans.saturating_mul(1 << backoff).min(255)
 }
 
 /// Sleeps as long as it takes for the CPU spent since `start_cpu` to fit the budget.
@@ -153,7 +153,7 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
                         return None;
                     }
                     let age = (m.age() + 1).min(255);
-                    due = age >= policy.deep_scans.saturating_mul(1 << m.backoff()).min(255);
+                    due = age >= backed_off(policy.deep_scans, m.backoff());
                     return Some(m.with_age(age));
                 }
                 if m.state() != RESIDENT {
@@ -180,7 +180,7 @@ fn scan_once(inner: &Inner, policy: &crate::Policy, started: Instant, start_cpu:
                     Aged::Referenced => nru[1] += 1,
                     Aged::Idle { age } => {
                         nru[if age >= policy.cold_scans { 3 } else { 2 }] += 1;
-                        if age >= cold_after(policy.cold_scans, backoff) {
+                        if age >= backed_off(policy.cold_scans, backoff) {
                             cold.push((ri, ix));
                         } else if policy.target_resident.is_some() {
                             warm.push((age, ri, ix));
@@ -568,10 +568,10 @@ mod tests {
 
     #[test]
     fn a_page_that_kept_coming_back_can_still_go_cold() {
-        assert_eq!(cold_after(5, 0), 5);
-        assert_eq!(cold_after(5, 4), 80);
+        assert_eq!(backed_off(5, 0), 5);
+        assert_eq!(backed_off(5, 4), 80);
         // 5 × 64 is past what an age counts: the threshold stops at 255.
-        assert_eq!(cold_after(5, crate::region::MAX_BACKOFF), 255);
-        assert_eq!(cold_after(255, crate::region::MAX_BACKOFF), 255);
+        assert_eq!(backed_off(5, crate::region::MAX_BACKOFF), 255);
+        assert_eq!(backed_off(255, crate::region::MAX_BACKOFF), 255);
     }
 }
