@@ -363,6 +363,15 @@ pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
+/// A latency in microseconds ("7.9"), or "-" where no fault was served to time.
+pub(crate) fn latency_us(ns: u64, served: bool) -> String {
+    if served {
+        format!("{:.1}", ns as f64 / 1000.0)
+    } else {
+        "-".into()
+    }
+}
+
 /// `held` as the saving against `base` ("81%") and as a ratio to `ksm` ("0.497"), each "-"
 /// without its run.
 pub(crate) fn saved_and_vs_ksm(held: u64, base: Option<u64>, ksm: Option<u64>) -> (String, String) {
@@ -421,13 +430,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
         let slow = r
             .slowdown
             .map_or(String::from("-"), |x| format!("{:+.1}%", 100.0 * x));
-        let lat = |ns: u64| {
-            if r.refaults > 0 {
-                format!("{:.1}", ns as f64 / 1000.0)
-            } else {
-                "-".into()
-            }
-        };
+        let lat = |ns: u64| latency_us(ns, r.refaults > 0);
         o += &format!(
             "{:<12} {:>4} {:>10.1} {:>8} {:>9} {:>8.2} {:>9.1}% {:>9} {:>9} {:>9} {:>10.1}\n",
             r.policy,

@@ -779,13 +779,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             base.map(|x| x.held),
             ksm.map(|k| k.held),
         );
-        let lat = |ns: u64| {
-            if r.refaults > 0 {
-                format!("{:.1}", ns as f64 / 1000.0)
-            } else {
-                "-".into()
-            }
-        };
+        let lat = |ns: u64| crate::bench_memory::latency_us(ns, r.refaults > 0);
         o += &format!(
             "{:<12} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>7} {:>7.2} {:>8} {:>8} {:>10.1} {:>8.1} {:>7.1}\n",
             r.policy,
