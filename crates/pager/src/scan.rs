@@ -372,11 +372,53 @@ fn until_done(mut f: impl FnMut() -> Result<Resolved, crate::UffdError>) -> bool
     false
 }
 
-/// Reclaims the pages `ixs` (sorted) of `region`: write-protect, copy, store, drop. Returns
-/// how many went to the store. A page that is busy or not resident is skipped.
+/// Reclaims the pages `ixs` (sorted) of `region`: write-protect, copy, store, drop, then
+/// encode. Returns how many went to the store. A page that is busy or not resident is
+/// skipped.
 pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
-    // The pages are busy from here until stored: a fault on one waits for this batch.
-    let _urgent = Urgent::new();
+    let mut raw = Vec::new();
+    let n = {
+        // The pages are busy from here until stored: a fault on one waits for this batch.
+        let _urgent = Urgent::new();
+        take(inner, region, ixs, &mut raw)
+    };
+    settle(inner, region, &raw);
+    n
+}
+
+/// Patches or compresses the pages `raw` (page, id, compressor) that [`take`] stored raw,
+/// in place, as [`recompress`] does: a fault meanwhile reads the raw copy, or the new form.
+/// Done after the pages are released and in the scanner's idle class: when `take` encoded
+/// them while they were busy, in the default class, the guests felt it (docs/pager.md).
+fn settle(inner: &Inner, region: &Region, raw: &[(usize, PageId, pagestore::Compression)]) {
+    for &(ix, id, compression) in raw {
+        let Ok(Some(outcome)) = inner
+            .store
+            .reencode(id, pagestore::Reencode::settle(compression))
+        else {
+            // Nothing smaller (it stays raw, as an insert would have left it), or the page
+            // came back meanwhile.
+            continue;
+        };
+        // The page's meta word is told only if it still holds this id: a fault (which
+        // removes it from the store) may have come between.
+        region.update(ix, |m| {
+            (m.state() == STORED
+                && m.form() == Form::Raw
+                && region.ids[ix].load(Relaxed) == id.as_u64())
+            .then(|| m.with_form(Form::of(outcome)))
+        });
+    }
+}
+
+/// Reclaim's part while the pages are busy: write-protect, copy, store, drop. Pages stored
+/// raw that the store could patch or compress are pushed to `raw` for [`settle`].
+fn take(
+    inner: &Inner,
+    region: &Region,
+    ixs: &[usize],
+    raw: &mut Vec<(usize, PageId, pagestore::Compression)>,
+) -> usize {
     let c = &inner.counters;
     let mut ixs: Vec<usize> = ixs.to_vec();
     ixs.sort_unstable();
@@ -412,6 +454,9 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
         let p = inner.policy.lock();
         (p.cold_compression, p.deep_scans)
     };
+    let cfg = inner.store.config();
+    // Deferred only where there is encoding to defer: sharing alone stores raw anyway.
+    let defer = cfg.patch.is_some() || cfg.max_compressed > 0;
     let mut page = Box::new([0u8; PAGE_SIZE]);
     let mut stored: Vec<(usize, Meta, PageId, Form)> = Vec::with_capacity(locked.len());
     for &(ix, m) in &locked {
@@ -431,10 +476,20 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
         // With deep_scans, the cold compressor waits until a page has stayed away.
         let compression = match cold_compression {
             Some(c) if m.backoff() == 0 && deep_scans == 0 => c,
-            _ => inner.store.config().compression,
+            _ => cfg.compression,
         };
-        match inner.store.insert_compressed_with(&page, compression) {
-            Ok((id, outcome)) => stored.push((ix, m, id, Form::of(outcome))),
+        let done = if defer {
+            inner.store.insert_raw(&page)
+        } else {
+            inner.store.insert_compressed_with(&page, compression)
+        };
+        match done {
+            Ok((id, outcome)) => {
+                if defer && outcome == pagestore::Outcome::Raw {
+                    raw.push((ix, id, compression));
+                }
+                stored.push((ix, m, id, Form::of(outcome)));
+            }
             Err(_) => {
                 region.unlock(ix, m);
                 c.reclaim_aborted.fetch_add(1, Relaxed);

@@ -590,6 +590,19 @@ pub struct Reencode {
     pub min_bytes: usize,
 }
 
+impl Reencode {
+    /// What an insert would have done to a page stored raw: patch it or compress it with
+    /// `compression`, whichever is smaller.
+    pub fn settle(compression: Compression) -> Reencode {
+        Reencode {
+            compression,
+            patch: true,
+            references: true,
+            min_bytes: 0,
+        }
+    }
+}
+
 /// A concurrent store of 4 KiB pages, each held in the cheapest form that gives back its
 /// exact bytes: zero, shared, patched against a similar page, compressed, or raw.
 ///
@@ -688,17 +701,25 @@ impl PageStore {
     /// have idle time later (a server taking a burst of puts). The id is final: settling
     /// changes how the page is held, never its id or its bytes.
     pub fn insert_deferred(&self, page: &Page) -> Result<(PageId, Outcome), StoreError> {
+        let done = self.insert_raw(page)?;
+        if done.1 == Outcome::Raw {
+            self.pending.lock().push_back(done.0);
+        }
+        Ok(done)
+    }
+
+    /// [`PageStore::insert_deferred`] without the queue: the caller settles a page stored
+    /// [`Outcome::Raw`] itself, with [`PageStore::reencode`] and [`Reencode::settle`], when
+    /// it must know each page's new form (the pager keeps it per guest page). Until then
+    /// the page is held raw and is no reference for patches.
+    pub fn insert_raw(&self, page: &Page) -> Result<(PageId, Outcome), StoreError> {
         let (si, h32) = match self.existing(page)? {
             Ok(found) => return Ok(found),
             Err(parts) => parts,
         };
         // Indexed when settled, not now: settled in order, each page then looks for a
         // reference among the pages settled before it, as inserts in that order would.
-        let done = self.commit(si, h32, page, Form::Raw, page, UNINDEXED)?;
-        if done.1 == Outcome::Raw {
-            self.pending.lock().push_back(done.0);
-        }
-        Ok(done)
+        self.commit(si, h32, page, Form::Raw, page, UNINDEXED)
     }
 
     /// Encodes up to `max` pages that [`PageStore::insert_deferred`] kept raw, oldest first,
@@ -716,15 +737,7 @@ impl PageStore {
                 id
             };
             taken += 1;
-            let done = self.reencode(
-                id,
-                Reencode {
-                    compression: self.cfg.compression,
-                    patch: true,
-                    references: true,
-                    min_bytes: 0,
-                },
-            );
+            let done = self.reencode(id, Reencode::settle(self.cfg.compression));
             self.settling.fetch_sub(1, Ordering::SeqCst);
             done?;
         }
