@@ -464,6 +464,15 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             k.ksm_general_profit as f64 / (1 << 20) as f64
         );
     }
+    // With several passes, the lines below name each run's pass too, as the table does.
+    let passes = runs.iter().any(|r| r.pass > 1);
+    let name = |r: &Run| {
+        if passes {
+            format!("{} (pass {})", r.policy, r.pass)
+        } else {
+            r.policy.to_string()
+        }
+    };
     let kvm: Vec<String> = runs
         .iter()
         .filter_map(|r| {
@@ -471,7 +480,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             let per_s = |n: u64| n as f64 / r.window_s;
             Some(format!(
                 "{} {:.0} exits/s, {:.0} page faults/s",
-                r.policy,
+                name(r),
                 per_s(k.exits),
                 per_s(k.pf_taken)
             ))
@@ -489,7 +498,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
                 .map_or(String::new(), |x| format!(" ({:+.1}%)", 100.0 * x));
             Some(format!(
                 "{} {:.1}{vs} (run {:.1}, runnable {:.1})",
-                r.policy,
+                name(r),
                 t.busy_ns / 1e3,
                 t.run_ns / 1e3,
                 t.wait_ns / 1e3,
@@ -507,7 +516,7 @@ pub fn table(b: &Bench, runs: &[Run]) -> String {
             o += &format!(
                 "{}: pages resident {}, zero {}, shared {}, patched {}, compressed {}, raw {}; \
                  {} recompressed; {} refaults",
-                r.policy,
+                name(r),
                 p.resident,
                 p.zero,
                 p.shared,
@@ -783,5 +792,46 @@ mod tests {
         assert!(t.contains("+7.5%"), "{t}");
         let full = t.lines().find(|l| l.starts_with("full")).unwrap();
         assert!(full.split_whitespace().nth(1) == Some("2"), "{t}");
+    }
+
+    #[test]
+    fn the_lines_under_the_table_name_each_runs_pass() {
+        let b = Bench {
+            set: ImageSet::Mixed,
+            guests: 4,
+            seconds: 40,
+            warmup: 5,
+            policies: vec![Policy::None, Policy::Pager(pager::Mode::Full)],
+            repeat: 2,
+            replay: ReplayParams::default(),
+            ksm: (1000, 10),
+            cold_secs: 5.0,
+            cpu_budget: 0.5,
+            compression: pagestore::Compression::Lz4,
+            recompress_after: 5.0,
+            verbose: false,
+        };
+        let mut runs: Vec<Run> = (1..=2)
+            .flat_map(|pass| {
+                [("none", 100.0), ("full", 95.0)].map(|(p, r)| Run {
+                    pass,
+                    ..run(p, r, 400.0)
+                })
+            })
+            .collect();
+        compare_with_none(&mut runs);
+        let t = table(&b, &runs);
+        let line = t.lines().find(|l| l.starts_with("vCPU busy")).unwrap();
+        assert!(
+            line.contains("full (pass 1)") && line.contains("full (pass 2)"),
+            "{t}"
+        );
+        // One pass: the policy alone, as before.
+        let t = table(&b, &runs[..2]);
+        let line = t.lines().find(|l| l.starts_with("vCPU busy")).unwrap();
+        assert!(
+            line.contains("; full 0.4 ") && !line.contains("pass"),
+            "{t}"
+        );
     }
 }
