@@ -164,7 +164,12 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
                 }
             };
         }
-        Err(_) => return Done::Later,
+        Err(m) => {
+            if m.0 & BUSY_RECLAIM != 0 {
+                inner.holder.lift();
+            }
+            return Done::Later;
+        }
     };
     match m.state() {
         STORED => {
@@ -274,9 +279,16 @@ fn write_protect(inner: &Inner, addr: u64, t0: Instant) -> Done {
         return Done::Yes;
     };
     let ix = region.index(addr).expect("region_of checked");
-    let Ok(m) = region.try_lock(ix, BUSY_FAULT) else {
-        // The reclaimer is copying it out: the write waits until the page is in the store.
-        return Done::Later;
+    let m = match region.try_lock(ix, BUSY_FAULT) {
+        Ok(m) => m,
+        Err(m) => {
+            // The reclaimer is copying it out (or another fault holds it): the write waits
+            // until the page is in the store.
+            if m.0 & BUSY_RECLAIM != 0 {
+                inner.holder.lift();
+            }
+            return Done::Later;
+        }
     };
     if m.state() != RESIDENT {
         // Reclaimed meanwhile: the writer retries, faults it back, and writes then.

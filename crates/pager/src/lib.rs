@@ -174,6 +174,8 @@ pub(crate) struct Inner {
     /// once a handler has read its remove event, not once the handler has acted on it, so
     /// a handler must be able to tell our own drops (pages now in the store) from a guest's.
     pub own_removes: Mutex<Vec<(u64, u64)>>,
+    /// Who holds pages busy in reclaim, for a fault waiting on them to lift.
+    pub holder: scan::Holder,
 }
 
 impl std::fmt::Debug for Inner {
@@ -265,6 +267,7 @@ impl Pager {
             on_failure: Mutex::new(None),
             scanning: AtomicBool::new(scan),
             own_removes: Mutex::new(Vec::new()),
+            holder: scan::Holder::default(),
         });
         let mut threads = Vec::new();
         for i in 0..policy.handlers {

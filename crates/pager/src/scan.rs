@@ -19,15 +19,17 @@ pub(crate) const BATCH: usize = 256;
 
 /// The scanner's scheduling. Its aging and compressing can always wait, and a vCPU that
 /// waits for a CPU behind it loses that time, so it runs in `SCHED_IDLE`: any other thread
-/// that wakes takes the CPU from it at once (nice 19 alone does not promise that). But
-/// while it holds what fault handlers, and so vCPUs, wait for (pages' busy bits in reclaim,
-/// a store shard's lock in compaction), a starved idle thread could keep them waiting for
-/// seconds on a busy host: for those spans it is back in the default class ([`Urgent`]).
-/// Leaving `SCHED_IDLE` needs the right to nice 0 (`CAP_SYS_NICE` or `RLIMIT_NICE` of 20);
-/// without it, the scanner stays in the default class at nice 5, as ksmd does.
+/// that wakes takes the CPU from it at once (nice 19 alone does not promise that). But a
+/// starved idle thread that holds what fault handlers, and so vCPUs, wait for could keep
+/// them waiting for seconds on a busy host. So while it holds pages' busy bits in reclaim, a
+/// fault that finds one of them busy lifts it to the default class until it lets go
+/// ([`Holder`]); while it holds a store shard's lock in compaction, which a fault cannot
+/// see, it is in the default class throughout ([`Urgent`]). Leaving `SCHED_IDLE` needs the
+/// right to nice 0 (`CAP_SYS_NICE` or `RLIMIT_NICE` of 20); without it, the scanner stays
+/// in the default class at nice 5, as ksmd does.
 fn idle_priority() {
     if can_return_to_nice_0() {
-        set_class(libc::SCHED_IDLE);
+        set_class(0, libc::SCHED_IDLE);
     } else {
         // SAFETY: setpriority on this thread's own id; lowering one's priority needs no
         // privilege, and if it fails the scanner runs at nice 0.
@@ -50,13 +52,19 @@ fn can_return_to_nice_0() -> bool {
     }
 }
 
-/// Sets the calling thread's scheduling class (`SCHED_IDLE` or `SCHED_OTHER`); false if
-/// refused.
-fn set_class(policy: libc::c_int) -> bool {
+/// Sets the scheduling class (`SCHED_IDLE` or `SCHED_OTHER`) of thread `tid` of this
+/// process (0: the calling thread); false if refused.
+fn set_class(tid: libc::pid_t, policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid sched_param that
-    // lives across the call.
-    unsafe { libc::sched_setscheduler(0, policy, &raw const param) == 0 }
+    // SAFETY: sched_setscheduler on a thread of this process with a valid sched_param that
+    // lives across the call; it changes nothing but that thread's class.
+    unsafe { libc::sched_setscheduler(tid, policy, &raw const param) == 0 }
+}
+
+/// Whether the calling thread runs in `SCHED_IDLE`.
+fn in_idle_class() -> bool {
+    // SAFETY: sched_getscheduler(0) only reads the calling thread's class.
+    unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
 }
 
 /// While it lives, a thread in `SCHED_IDLE` runs in the default class (see
@@ -65,16 +73,53 @@ struct Urgent(bool);
 
 impl Urgent {
     fn new() -> Urgent {
-        // SAFETY: sched_getscheduler(0) only reads the calling thread's class.
-        let idle = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE;
-        Urgent(idle && set_class(libc::SCHED_OTHER))
+        Urgent(in_idle_class() && set_class(0, libc::SCHED_OTHER))
     }
 }
 
 impl Drop for Urgent {
     fn drop(&mut self) {
         if self.0 {
-            set_class(libc::SCHED_IDLE);
+            set_class(0, libc::SCHED_IDLE);
+        }
+    }
+}
+
+/// The thread in reclaim's busy span, if it is in `SCHED_IDLE`, and whether a fault has
+/// lifted it to the default class: priority inheritance, where the only waiters are fault
+/// handlers and they say so. Registering, lifting and letting go happen under one lock, so
+/// a lift never reaches a thread that has let go (or, once ended, a thread id reused).
+#[derive(Debug, Default)]
+pub(crate) struct Holder(parking_lot::Mutex<Option<(libc::pid_t, bool)>>);
+
+impl Holder {
+    /// Registers the calling thread, if it is in `SCHED_IDLE`, until the guard drops.
+    fn hold(&self) -> Hold<'_> {
+        if in_idle_class() {
+            // SAFETY: gettid has no preconditions.
+            *self.0.lock() = Some((unsafe { libc::gettid() }, false));
+        }
+        Hold(self)
+    }
+
+    /// A fault waits for pages that reclaim holds busy: the holder runs in the default
+    /// class until it lets them go.
+    pub(crate) fn lift(&self) {
+        let mut h = self.0.lock();
+        if let Some((tid, lifted @ false)) = h.as_mut() {
+            *lifted = set_class(*tid, libc::SCHED_OTHER);
+        }
+    }
+}
+
+/// Reclaim's busy span, registered with a [`Holder`].
+struct Hold<'a>(&'a Holder);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut h = self.0.0.lock();
+        if let Some((_, true)) = h.take() {
+            set_class(0, libc::SCHED_IDLE);
         }
     }
 }
@@ -378,8 +423,9 @@ fn until_done(mut f: impl FnMut() -> Result<Resolved, crate::UffdError>) -> bool
 pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
     let mut raw = Vec::new();
     let n = {
-        // The pages are busy from here until stored: a fault on one waits for this batch.
-        let _urgent = Urgent::new();
+        // The pages are busy from here until stored: a fault on one waits for this batch,
+        // and lifts this thread out of SCHED_IDLE until then.
+        let _hold = inner.holder.hold();
         take(inner, region, ixs, &mut raw)
     };
     settle(inner, region, &raw);
@@ -595,7 +641,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_scanner_leaves_sched_idle_while_guests_may_wait_on_it() {
+    fn the_scanner_leaves_sched_idle_while_guests_wait_on_it() {
         std::thread::spawn(|| {
             let class = || {
                 // SAFETY: reads the calling thread's class.
@@ -615,6 +661,18 @@ mod tests {
                 drop(Urgent::new());
                 assert_eq!(class(), libc::SCHED_OTHER);
             }
+            assert_eq!(class(), libc::SCHED_IDLE);
+            // Reclaim's span: idle until a fault, from another thread, lifts it; idle again
+            // once it lets go; and a lift after that reaches no one.
+            let holder = Holder::default();
+            let hold = holder.hold();
+            assert_eq!(class(), libc::SCHED_IDLE);
+            std::thread::scope(|s| s.spawn(|| holder.lift()).join().unwrap());
+            assert_eq!(class(), libc::SCHED_OTHER);
+            holder.lift();
+            drop(hold);
+            assert_eq!(class(), libc::SCHED_IDLE);
+            std::thread::scope(|s| s.spawn(|| holder.lift()).join().unwrap());
             assert_eq!(class(), libc::SCHED_IDLE);
         })
         .join()
