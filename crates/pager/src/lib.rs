@@ -174,8 +174,9 @@ pub(crate) struct Inner {
     /// once a handler has read its remove event, not once the handler has acted on it, so
     /// a handler must be able to tell our own drops (pages now in the store) from a guest's.
     pub own_removes: Mutex<Vec<(u64, u64)>>,
-    /// Who holds pages busy in reclaim, for a fault waiting on them to lift.
-    pub holder: scan::Holder,
+    /// The scanner, for a thread about to wait on it to lift out of `SCHED_IDLE`; shared
+    /// with the store's contention hook.
+    pub holder: Arc<scan::Holder>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -255,6 +256,9 @@ impl Pager {
         }
         // SAFETY: the fd was just created and is owned by nothing else.
         let kick = unsafe { std::os::fd::FromRawFd::from_raw_fd(efd) };
+        let holder = Arc::new(scan::Holder::default());
+        let lift = Arc::clone(&holder);
+        store.on_contention(Arc::new(move || lift.lift()));
         let inner = Arc::new(Inner {
             uffd,
             store,
@@ -267,7 +271,7 @@ impl Pager {
             on_failure: Mutex::new(None),
             scanning: AtomicBool::new(scan),
             own_removes: Mutex::new(Vec::new()),
-            holder: scan::Holder::default(),
+            holder,
         });
         let mut threads = Vec::new();
         for i in 0..policy.handlers {

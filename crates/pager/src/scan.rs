@@ -1,7 +1,9 @@
 //! The scanner: NRU aging, write-protect arming, and race-free reclaim within a CPU budget.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI32};
 use std::time::{Duration, Instant};
 
 use pagestore::{PAGE_SIZE, PageId, is_zero};
@@ -21,10 +23,11 @@ pub(crate) const BATCH: usize = 256;
 /// waits for a CPU behind it loses that time, so it runs in `SCHED_IDLE`: any other thread
 /// that wakes takes the CPU from it at once (nice 19 alone does not promise that). But a
 /// starved idle thread that holds what fault handlers, and so vCPUs, wait for could keep
-/// them waiting for seconds on a busy host. So while it holds pages' busy bits in reclaim, a
-/// fault that finds one of them busy lifts it to the default class until it lets go
-/// ([`Holder`]); while it holds a store shard's lock in compaction, which a fault cannot
-/// see, it is in the default class throughout ([`Urgent`]). Leaving `SCHED_IDLE` needs the
+/// them waiting for seconds on a busy host. So a thread that is about to wait on the scanner
+/// lifts it to the default class until it holds nothing again ([`Holder`]): a handler that
+/// finds a page busy with reclaim, and any thread that would wait for a store lock (the
+/// store's contention hook). Compaction, which holds a shard's lock for a millisecond or
+/// two, runs in the default class throughout ([`Urgent`]). Leaving `SCHED_IDLE` needs the
 /// right to nice 0 (`CAP_SYS_NICE` or `RLIMIT_NICE` of 20); without it, the scanner stays
 /// in the default class at nice 5, as ksmd does.
 fn idle_priority() {
@@ -85,47 +88,93 @@ impl Drop for Urgent {
     }
 }
 
-/// The thread in reclaim's busy span, if it is in `SCHED_IDLE`, and whether a fault has
-/// lifted it to the default class: priority inheritance, where the only waiters are fault
-/// handlers and they say so. Registering, lifting and letting go happen under one lock, so
-/// a lift never reaches a thread that has let go (or, once ended, a thread id reused).
+/// The scanner thread, while it runs in `SCHED_IDLE`, whether it holds anything others may
+/// wait for (busy pages, a store lock), and whether a waiter has lifted it to the default
+/// class: priority inheritance, where the waiters say they wait. A waiter cannot tell whose
+/// lock it waits for, so a lift counts only while the scanner is engaged; it lasts until the
+/// scanner lets go. A lift that lands just as the scanner lets go is undone at its next
+/// letting go or idle wait (at most 50 ms later); one that is lost the same way was not
+/// waiting on it.
 #[derive(Debug, Default)]
-pub(crate) struct Holder(parking_lot::Mutex<Option<(libc::pid_t, bool)>>);
+pub(crate) struct Holder {
+    /// The scanner's thread id; 0 when there is none in `SCHED_IDLE`.
+    tid: AtomicI32,
+    engaged: AtomicBool,
+    lifted: AtomicBool,
+}
+
+thread_local! {
+    /// Whether this thread is a registered scanner: reclaim also runs on callers' threads
+    /// (`Pager::reclaim`), which are not the one a lift would reach.
+    static SCANNER: Cell<bool> = const { Cell::new(false) };
+}
 
 impl Holder {
-    /// Registers the calling thread, if it is in `SCHED_IDLE`, until the guard drops.
-    fn hold(&self) -> Hold<'_> {
+    /// Registers the calling thread (the scanner) if it runs in `SCHED_IDLE`.
+    fn register(&self) {
         if in_idle_class() {
             // SAFETY: gettid has no preconditions.
-            *self.0.lock() = Some((unsafe { libc::gettid() }, false));
+            self.tid.store(unsafe { libc::gettid() }, SeqCst);
+            SCANNER.set(true);
         }
-        Hold(self)
     }
 
-    /// A fault waits for pages that reclaim holds busy: the holder runs in the default
-    /// class until it lets them go.
+    /// The scanner is ending. A lift that read its id just before this could still reach
+    /// the id once the thread is gone; ids are handed out in turn up to `pid_max`, so one
+    /// is not reused within the microseconds that would take.
+    fn unregister(&self) {
+        self.tid.store(0, SeqCst);
+        SCANNER.set(false);
+    }
+
+    /// While the guard lives, the calling thread, if it is the scanner, may hold what others
+    /// wait for, and a waiter lifts it.
+    fn engage(&self) -> Engaged<'_> {
+        let scanner = SCANNER.get();
+        if scanner {
+            self.engaged.store(true, SeqCst);
+        }
+        Engaged(self, scanner)
+    }
+
+    /// Someone is about to wait, maybe for what the scanner holds: if it is engaged, it
+    /// runs in the default class until it lets go.
     pub(crate) fn lift(&self) {
-        let mut h = self.0.lock();
-        if let Some((tid, lifted @ false)) = h.as_mut() {
-            *lifted = set_class(*tid, libc::SCHED_OTHER);
+        if !self.engaged.load(SeqCst) {
+            return;
+        }
+        let tid = self.tid.load(SeqCst);
+        if tid != 0 && !self.lifted.swap(true, SeqCst) && !set_class(tid, libc::SCHED_OTHER) {
+            self.lifted.store(false, SeqCst);
+        }
+    }
+
+    /// Called by the scanner where it holds nothing: back to `SCHED_IDLE` if lifted. The
+    /// class goes first: a lift between the two steps finds `lifted` set and does nothing,
+    /// which is right, as nothing is held.
+    fn settle_down(&self) {
+        if self.lifted.load(SeqCst) {
+            set_class(0, libc::SCHED_IDLE);
+            self.lifted.store(false, SeqCst);
         }
     }
 }
 
-/// Reclaim's busy span, registered with a [`Holder`].
-struct Hold<'a>(&'a Holder);
+/// The scanner's engagement ([`Holder::engage`]); the bool says whether it is the scanner.
+struct Engaged<'a>(&'a Holder, bool);
 
-impl Drop for Hold<'_> {
+impl Drop for Engaged<'_> {
     fn drop(&mut self) {
-        let mut h = self.0.0.lock();
-        if let Some((_, true)) = h.take() {
-            set_class(0, libc::SCHED_IDLE);
+        if self.1 {
+            self.0.engaged.store(false, SeqCst);
+            self.0.settle_down();
         }
     }
 }
 
 pub(crate) fn run(inner: &Arc<Inner>) {
     idle_priority();
+    inner.holder.register();
     let mut cpu_mark = thread_cpu_ns();
     let mut next = Instant::now();
     while !inner.stop.load(Relaxed) {
@@ -135,6 +184,7 @@ pub(crate) fn run(inner: &Arc<Inner>) {
             let wait = next
                 .saturating_duration_since(now)
                 .min(Duration::from_millis(50));
+            inner.holder.settle_down();
             std::thread::sleep(wait.max(Duration::from_millis(1)));
             continue;
         }
@@ -150,6 +200,7 @@ pub(crate) fn run(inner: &Arc<Inner>) {
         cpu_mark = cpu;
         next = started + policy.interval;
     }
+    inner.holder.unregister();
 }
 
 /// A policy's number of scans (idle before a page is cold, or stored before it is
@@ -349,9 +400,12 @@ fn recompress(
             references: true,
             min_bytes: RECOMPRESS_MIN_BYTES,
         };
-        // Left in SCHED_IDLE: reencode compresses outside the shard's lock and holds it only
-        // to put the new bytes in place.
-        let done = matches!(inner.store.reencode(id, how), Ok(Some(_)));
+        // In SCHED_IDLE: reencode compresses outside the shard's lock, and a fault that
+        // would wait for that lock lifts the scanner (the store's contention hook).
+        let done = {
+            let _engaged = inner.holder.engage();
+            matches!(inner.store.reencode(id, how), Ok(Some(_)))
+        };
         // Marked even when no smaller, so it is not tried again while it stays away. The
         // id is checked under the meta word's update: ids change only while a page is busy.
         let marked = region.update(ix, |m| {
@@ -422,10 +476,10 @@ fn until_done(mut f: impl FnMut() -> Result<Resolved, crate::UffdError>) -> bool
 /// skipped.
 pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
     let mut raw = Vec::new();
+    // The pages are busy from here until stored: a fault on one waits for this batch, and
+    // lifts the scanner out of SCHED_IDLE until then.
     let n = {
-        // The pages are busy from here until stored: a fault on one waits for this batch,
-        // and lifts this thread out of SCHED_IDLE until then.
-        let _hold = inner.holder.hold();
+        let _engaged = inner.holder.engage();
         take(inner, region, ixs, &mut raw)
     };
     settle(inner, region, &raw);
@@ -438,10 +492,13 @@ pub(crate) fn reclaim(inner: &Inner, region: &Region, ixs: &[usize]) -> usize {
 /// them while they were busy, in the default class, the guests felt it (docs/pager.md).
 fn settle(inner: &Inner, region: &Region, raw: &[(usize, PageId, pagestore::Compression)]) {
     for &(ix, id, compression) in raw {
-        let Ok(Some(outcome)) = inner
-            .store
-            .reencode(id, pagestore::Reencode::settle(compression))
-        else {
+        let done = {
+            let _engaged = inner.holder.engage();
+            inner
+                .store
+                .reencode(id, pagestore::Reencode::settle(compression))
+        };
+        let Ok(Some(outcome)) = done else {
             // Nothing smaller (it stays raw, as an insert would have left it), or the page
             // came back meanwhile.
             continue;
@@ -610,10 +667,18 @@ pub(crate) fn restore_all(inner: &Inner, region: &Region) {
                     region.unlock(ix, m);
                     break;
                 }
-                Err(_) => std::thread::yield_now(),
+                Err(m) => wait_for(inner, m),
             }
         }
     }
+}
+
+/// Waits a moment for a page busy as `m` says, lifting the scanner if it holds the page.
+fn wait_for(inner: &Inner, m: Meta) {
+    if m.0 & BUSY_RECLAIM != 0 {
+        inner.holder.lift();
+    }
+    std::thread::yield_now();
 }
 
 /// Forgets every stored page of `region` (its owner discards the memory).
@@ -630,7 +695,7 @@ pub(crate) fn drop_all(inner: &Inner, region: &Region) {
                     region.unlock(ix, m.with_state(EMPTY));
                     break;
                 }
-                Err(_) => std::thread::yield_now(),
+                Err(m) => wait_for(inner, m),
             }
         }
     }
@@ -662,17 +727,30 @@ mod tests {
                 assert_eq!(class(), libc::SCHED_OTHER);
             }
             assert_eq!(class(), libc::SCHED_IDLE);
-            // Reclaim's span: idle until a fault, from another thread, lifts it; idle again
-            // once it lets go; and a lift after that reaches no one.
+            // Lifted by a waiter (another thread) only while engaged, until it lets go; a
+            // lift once it has ended reaches no one.
             let holder = Holder::default();
-            let hold = holder.hold();
+            holder.register();
+            let lift = || std::thread::scope(|s| s.spawn(|| holder.lift()).join().unwrap());
+            lift();
+            assert_eq!(
+                class(),
+                libc::SCHED_IDLE,
+                "not engaged: nothing to wait for"
+            );
+            {
+                let _engaged = holder.engage();
+                assert_eq!(class(), libc::SCHED_IDLE);
+                lift();
+                assert_eq!(class(), libc::SCHED_OTHER);
+                holder.lift();
+            }
             assert_eq!(class(), libc::SCHED_IDLE);
-            std::thread::scope(|s| s.spawn(|| holder.lift()).join().unwrap());
-            assert_eq!(class(), libc::SCHED_OTHER);
-            holder.lift();
-            drop(hold);
+            holder.settle_down();
             assert_eq!(class(), libc::SCHED_IDLE);
-            std::thread::scope(|s| s.spawn(|| holder.lift()).join().unwrap());
+            holder.unregister();
+            let _engaged = holder.engage();
+            lift();
             assert_eq!(class(), libc::SCHED_IDLE);
         })
         .join()

@@ -12,6 +12,7 @@
 mod arena;
 mod compress;
 mod config;
+mod contention;
 pub mod delta;
 mod page;
 mod similarity;
@@ -19,6 +20,7 @@ mod store;
 
 pub use compress::{CompressError, Compression, MAX_COMPRESSED};
 pub use config::{Config, ConfigError, PatchConfig};
+pub use contention::ContentionHook;
 pub use delta::{DecodeError, DeltaCodec};
 pub use page::{PAGE_SIZE, Page, is_zero};
 pub use similarity::{Keys, Loc, MAX_LOC, SimilarityConfig, SimilarityIndex};

@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::contention::Waits;
 use crate::page::{PAGE_SIZE, Page};
 
 /// Bytes in a similarity block.
@@ -73,6 +74,7 @@ pub struct SimilarityIndex {
     blocks: usize,
     tables: RwLock<Tables>,
     refs: AtomicUsize,
+    waits: Waits,
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -89,6 +91,12 @@ impl SimilarityIndex {
     /// An empty index of the given shape (`cfg` is assumed valid: see
     /// [`crate::Config::validate`]).
     pub fn new(cfg: &SimilarityConfig) -> Self {
+        Self::with_waits(cfg, Waits::default())
+    }
+
+    /// [`SimilarityIndex::new`], telling `waits` when a thread is about to wait for its
+    /// tables' lock.
+    pub(crate) fn with_waits(cfg: &SimilarityConfig, waits: Waits) -> Self {
         // Distinct block offsets for all k*s blocks, so that keys are independent.
         let mut state = cfg.seed;
         let mut used = [false; PAGE_SIZE / BLOCK];
@@ -111,6 +119,7 @@ impl SimilarityIndex {
             blocks: cfg.blocks_per_index,
             tables: RwLock::new(Tables::new(cfg.indices, INITIAL_SLOTS)),
             refs: AtomicUsize::new(0),
+            waits,
         }
     }
 
@@ -139,7 +148,7 @@ impl SimilarityIndex {
 
     /// The stored page that most keys point at.
     pub fn lookup(&self, keys: &Keys) -> Option<Loc> {
-        let t = self.tables.read();
+        let t = self.waits.read(&self.tables);
         let mut found: [(Loc, u8); MAX_INDICES] = [(0, 0); MAX_INDICES];
         let mut n = 0;
         for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
@@ -166,7 +175,7 @@ impl SimilarityIndex {
         debug_assert!(loc <= MAX_LOC, "similarity locations have 31 bits");
         let loc = loc & MAX_LOC;
         {
-            let t = self.tables.read();
+            let t = self.waits.read(&self.tables);
             for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
                 if let Some(key) = *key {
                     t.slot(i, key)
@@ -175,7 +184,7 @@ impl SimilarityIndex {
             }
         }
         let refs = self.refs.fetch_add(1, Ordering::Relaxed) + 1;
-        if refs > self.tables.read().per {
+        if refs > self.waits.read(&self.tables).per {
             self.grow(refs);
         }
     }
@@ -183,7 +192,7 @@ impl SimilarityIndex {
     /// Forgets `loc` wherever its keys still point at it.
     pub fn remove(&self, keys: &Keys, loc: Loc) {
         let loc = loc & MAX_LOC;
-        let t = self.tables.read();
+        let t = self.waits.read(&self.tables);
         for (i, key) in keys.iter().enumerate().take(self.offsets.len()) {
             if let Some(key) = *key {
                 let _ = t.slot(i, key).compare_exchange(
@@ -198,7 +207,7 @@ impl SimilarityIndex {
     }
 
     fn grow(&self, refs: usize) {
-        let mut t = self.tables.write();
+        let mut t = self.waits.write(&self.tables);
         let old_slots = t.per;
         if refs <= old_slots {
             return; // another thread grew it
@@ -220,7 +229,7 @@ impl SimilarityIndex {
 
     /// Bytes the index holds.
     pub fn bytes(&self) -> usize {
-        self.tables.read().slots.len() * std::mem::size_of::<AtomicU64>()
+        self.waits.read(&self.tables).slots.len() * std::mem::size_of::<AtomicU64>()
             + self.offsets.len() * std::mem::size_of::<[u16; MAX_BLOCKS]>()
     }
 }

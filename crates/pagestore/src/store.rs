@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::arena::{self, Arena, Handle};
 use crate::compress::{CompressError, Compression, MAX_COMPRESSED};
 use crate::config::{Config, ConfigError};
+use crate::contention::{ContentionHook, Waits};
 use crate::delta::{DecodeError, DeltaCodec};
 use crate::page::{PAGE_SIZE, Page, is_zero};
 use crate::similarity::{Keys, Loc, SimilarityIndex};
@@ -633,21 +634,35 @@ pub struct PageStore {
     pending: Mutex<VecDeque<PageId>>,
     /// Ids taken off `pending` whose encoding has not finished.
     settling: AtomicU64,
+    /// Whom a thread tells before it waits for a shard's or the index's lock.
+    waits: Waits,
 }
 
 impl PageStore {
     /// A new, empty store.
     pub fn new(cfg: Config) -> Result<Self, ConfigError> {
         cfg.validate()?;
+        let waits = Waits::default();
         Ok(PageStore {
             codec: cfg.patch.map(|p| p.codec).unwrap_or_default(),
-            sim: cfg.patch.map(|p| SimilarityIndex::new(&p.similarity)),
+            sim: cfg
+                .patch
+                .map(|p| SimilarityIndex::with_waits(&p.similarity, waits.clone())),
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
             zero: AtomicU64::new(0),
             pending: Mutex::new(VecDeque::new()),
             settling: AtomicU64::new(0),
+            waits,
             cfg,
         })
+    }
+
+    /// Sets what a thread calls before it waits for one of the store's locks that another
+    /// thread holds: for a caller whose own threads take those locks at idle priority (the
+    /// pager's scanner), so that a waiter can lift the holder. Set once; false if a hook
+    /// was set already.
+    pub fn on_contention(&self, hook: ContentionHook) -> bool {
+        self.waits.set(hook)
     }
 
     /// The configuration the store runs with.
@@ -769,7 +784,7 @@ impl PageStore {
         let (si, slot) = split(id.loc());
         let mut page = [0u8; PAGE_SIZE];
         let (old_form, old_len, deps) = {
-            let sh = self.shards[si].read();
+            let sh = self.waits.read(&self.shards[si]);
             let Some(e) = sh.entries.get(slot).filter(|e| e.holds(id)) else {
                 return Ok(None);
             };
@@ -793,7 +808,7 @@ impl PageStore {
         COMPRESSED.with_borrow_mut(|cbuf| {
             let (form, payload, reference) = self.choose(&page, patch.as_ref(), compression, cbuf);
             let smaller = payload.len() < usize::from(old_len);
-            let mut sh = self.shards[si].write();
+            let mut sh = self.waits.write(&self.shards[si]);
             let e = &sh.entries[slot];
             let same = e.holds(id) && e.form() == old_form && e.len == old_len;
             // Read under the lock: another reencode of this id may have settled it meanwhile.
@@ -845,7 +860,7 @@ impl PageStore {
         }
         let (si, h32) = hash_parts(xxh3_64(page));
         if let Some(id) = self.find_duplicate(si, h32, page)? {
-            let mut sh = self.shards[si].write();
+            let mut sh = self.waits.write(&self.shards[si]);
             let slot = split(id.loc()).1;
             let e = &sh.entries[slot];
             // It may have gone between the lookup and this lock: then store it anew.
@@ -892,10 +907,10 @@ impl PageStore {
     pub fn compact(&self, min_unused: f64) -> usize {
         let mut freed = 0;
         for s in self.shards.iter() {
-            if !s.read().wasteful(min_unused) {
+            if !self.waits.read(s).wasteful(min_unused) {
                 continue;
             }
-            let mut sh = s.write();
+            let mut sh = self.waits.write(s);
             if sh.wasteful(min_unused) {
                 freed += sh.compact();
             }
@@ -905,7 +920,9 @@ impl PageStore {
 
     /// Whether [`PageStore::compact`] with `min_unused` would compact any shard now.
     pub fn wasteful(&self, min_unused: f64) -> bool {
-        self.shards.iter().any(|s| s.read().wasteful(min_unused))
+        self.shards
+            .iter()
+            .any(|s| self.waits.read(s).wasteful(min_unused))
     }
 
     /// Stores the chosen form, unless an identical page was stored meanwhile.
@@ -918,7 +935,7 @@ impl PageStore {
         payload: &[u8],
         flags: u32,
     ) -> Result<(PageId, Outcome), StoreError> {
-        let mut sh = self.shards[si].write();
+        let mut sh = self.waits.write(&self.shards[si]);
         // An identical page may have been stored while this one was being encoded.
         if let Some(slot) = find_whole(&sh, si, h32, page, self.cfg)? {
             sh.add_owner(slot);
@@ -972,7 +989,7 @@ impl PageStore {
             return Ok(());
         }
         let (si, slot) = split(id.loc());
-        let sh = self.shards[si].read();
+        let sh = self.waits.read(&self.shards[si]);
         let e = sh
             .entries
             .get(slot)
@@ -1000,7 +1017,7 @@ impl PageStore {
         // The reference was read unlocked from this page: it was pinned all along only if
         // this page still stands (a free and a reuse would have changed its generation). Else
         // the caller removed its own id during the read: refuse, never guess.
-        if !self.shards[si].read().entries[slot].holds(id) {
+        if !self.waits.read(&self.shards[si]).entries[slot].holds(id) {
             return Err(StoreError::UnknownPage(id));
         }
         decoded?.map_err(|err| StoreError::CorruptPatch(id, err))
@@ -1017,7 +1034,7 @@ impl PageStore {
                 .map_err(|_| StoreError::UnknownPage(id));
         }
         let (si, slot) = split(id.loc());
-        let mut sh = self.shards[si].write();
+        let mut sh = self.waits.write(&self.shards[si]);
         if !sh.entries.get(slot).is_some_and(|e| e.holds(id)) {
             return Err(StoreError::UnknownPage(id));
         }
@@ -1059,7 +1076,7 @@ impl PageStore {
     pub fn stats(&self) -> Stats {
         let mut t = Totals::default();
         for s in self.shards.iter() {
-            let g = s.read();
+            let g = self.waits.read(s);
             t.add_shard(&g, &g.counts);
         }
         self.stats_from(&t)
@@ -1068,7 +1085,7 @@ impl PageStore {
     /// Walks every entry, checks the store's invariants, and returns stats recounted from
     /// scratch. For tests and `fsck`-like checks: it holds every shard's read lock at once.
     pub fn audit(&self) -> Result<Stats, String> {
-        let guards: Vec<_> = self.shards.iter().map(|s| s.read()).collect();
+        let guards: Vec<_> = self.shards.iter().map(|s| self.waits.read(s)).collect();
         let mut t = Totals::default();
         let mut deps = std::collections::HashMap::<Loc, u32>::new();
         for (si, sh) in guards.iter().enumerate() {
@@ -1181,7 +1198,7 @@ impl PageStore {
         page: &Page,
     ) -> Result<Option<PageId>, StoreError> {
         let patched: Vec<PageId> = {
-            let sh = self.shards[si].read();
+            let sh = self.waits.read(&self.shards[si]);
             if let Some(slot) = find_whole(&sh, si, h32, page, self.cfg)? {
                 return Ok(Some(PageId::new(si, slot, sh.entries[slot].generation())));
             }
@@ -1206,7 +1223,7 @@ impl PageStore {
     /// Reads a whole (raw or compressed) page by location.
     fn read_reference(&self, r: Loc, out: &mut Page) -> Result<(), StoreError> {
         let (si, slot) = split(r);
-        let sh = self.shards[si].read();
+        let sh = self.waits.read(&self.shards[si]);
         let e = sh.entries.get(slot).filter(|e| e.form().is_reference());
         let e = e.ok_or(StoreError::UnknownPage(PageId::new(si, slot, 0)))?;
         sh.decode(e, self.cfg, out).map_err(|err| {
@@ -1219,7 +1236,7 @@ impl PageStore {
     fn pin(&self, r: Loc, out: &mut Page) -> bool {
         let (si, slot) = split(r);
         {
-            let mut sh = self.shards[si].write();
+            let mut sh = self.waits.write(&self.shards[si]);
             match sh.entries.get_mut(slot) {
                 Some(e) if e.form().is_reference() && e.deps < u16::MAX => e.deps += 1,
                 _ => return false,
@@ -1234,7 +1251,7 @@ impl PageStore {
 
     fn unpin(&self, r: Loc) {
         let (si, slot) = split(r);
-        let mut sh = self.shards[si].write();
+        let mut sh = self.waits.write(&self.shards[si]);
         let e = &mut sh.entries[slot];
         e.deps -= 1;
         let freed = (e.deps == 0 && e.owners == 0).then(|| sh.free(si, slot, self.sim.is_some()));
