@@ -92,8 +92,8 @@ impl Drop for Urgent {
 /// wait for (busy pages, a store lock), and whether a waiter has lifted it to the default
 /// class: priority inheritance, where the waiters say they wait. A waiter cannot tell whose
 /// lock it waits for, so a lift counts only while the scanner is engaged; it lasts until the
-/// scanner lets go. A lift that lands just as the scanner lets go is undone at its next
-/// letting go or idle wait (at most 50 ms later); one that is lost the same way was not
+/// scanner lets go. A lift that lands just as the scanner lets go is undone when it next
+/// engages or waits idle (at most 50 ms later); one that is lost the same way was not
 /// waiting on it.
 #[derive(Debug, Default)]
 pub(crate) struct Holder {
@@ -132,6 +132,9 @@ impl Holder {
     fn engage(&self) -> Engaged<'_> {
         let scanner = SCANNER.get();
         if scanner {
+            // A lift that landed after the last letting go is undone first: left set, it
+            // would make a lift during this span do nothing.
+            self.settle_down();
             self.engaged.store(true, SeqCst);
         }
         Engaged(self, scanner)
