@@ -165,9 +165,7 @@ fn missing(inner: &Inner, addr: u64, write: bool, buf: &mut [u8; PAGE_SIZE], t0:
             };
         }
         Err(m) => {
-            if m.0 & BUSY_RECLAIM != 0 {
-                inner.holder.lift();
-            }
+            inner.holder.lift_for(m);
             return Done::Later;
         }
     };
@@ -284,9 +282,7 @@ fn write_protect(inner: &Inner, addr: u64, t0: Instant) -> Done {
         Err(m) => {
             // The reclaimer is copying it out (or another fault holds it): the write waits
             // until the page is in the store.
-            if m.0 & BUSY_RECLAIM != 0 {
-                inner.holder.lift();
-            }
+            inner.holder.lift_for(m);
             return Done::Later;
         }
     };

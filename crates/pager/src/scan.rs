@@ -152,6 +152,13 @@ impl Holder {
         }
     }
 
+    /// [`Holder::lift`] if `m`, the word of a page found busy, says reclaim holds it.
+    pub(crate) fn lift_for(&self, m: Meta) {
+        if m.0 & BUSY_RECLAIM != 0 {
+            self.lift();
+        }
+    }
+
     /// Called by the scanner where it holds nothing: back to `SCHED_IDLE` if lifted. The
     /// class goes first: a lift between the two steps finds `lifted` set and does nothing,
     /// which is right, as nothing is held.
@@ -678,9 +685,7 @@ pub(crate) fn restore_all(inner: &Inner, region: &Region) {
 
 /// Waits a moment for a page busy as `m` says, lifting the scanner if it holds the page.
 fn wait_for(inner: &Inner, m: Meta) {
-    if m.0 & BUSY_RECLAIM != 0 {
-        inner.holder.lift();
-    }
+    inner.holder.lift_for(m);
     std::thread::yield_now();
 }
 
